@@ -1,0 +1,27 @@
+"""Test set-up: several fake CPU devices so data-parallel code runs for real.
+
+The flag must be set before jax initialises its backends, hence at import time
+of the conftest, before any test module imports jax.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(
+    os.environ.get("TML_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """Path to ../shared/data; skips (with the reason) where it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA} (set TML_SHARED_DATA)")
+  return SHARED_DATA
