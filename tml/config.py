@@ -1,0 +1,152 @@
+"""The one frozen run configuration.
+
+``experiments/run.py`` turns absl flags into a :class:`Config`; nothing in
+``tml`` reads global flags. Field names equal flag names, so a validation
+error can name the flag the user has to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with ``--<flag>``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs. Defaults are the Chu & Liu protocol.
+
+  Loss weights: 0 switches a term off. Stage 1 (when ``stage1_epochs`` > 0)
+  trains only the U-Net (params under ``'unet'``) on the unet loss; stage 2
+  trains everything on landmark + emotion (+ maps) with the weights below.
+  """
+  # --- data -----------------------------------------------------------------
+  dataset: str = "synthetic_thermal"
+  dataset_config: str = ""           # TFDS builder config name ("" = default)
+  data_dir: str = "~/tensorflow_datasets"
+  manual_dir: str = ""
+  image_size: int = 128              # N: network input (thermal crops resized)
+  splits: tuple[int, ...] = (0, 1, 2, 3, 4)   # Chu protocol repeats / TFD folds
+  eval_split: str = "test"           # fer2013: public_test or private_test
+  # --- model ----------------------------------------------------------------
+  model: str = "chu_unet"
+  unet_depth: int = 4
+  unet_width: int = 64
+  fc_width: int = 1024
+  map_reduction: int = 1
+  emotion_head: bool = True
+  landmark_head: bool = True
+  map_head: bool = True              # DeVries landmark-map head
+  dropout: float = 0.5
+  compute_dtype: str = "float32"
+  # --- loss -----------------------------------------------------------------
+  unet_weight: float = 1.0           # stage-1 weight of Chu Eq. 2
+  landmark_weight: float = 1.0
+  emotion_weight: float = 1.0
+  emotion_loss: str = "mse"          # "mse" (paper) or "xent"
+  map_weight: float = 1.0            # DeVries lambda
+  brow_width: float = 1.0
+  # --- early stopping of the emotion task (Chu Eq. 4) -----------------------
+  early_stopping_k: int = 0          # 0 = off
+  early_stopping_epsilon: float = 0.0
+  # --- optimisation ---------------------------------------------------------
+  optimizer: str = "adam"            # "adam" (Chu) or "sgd" (DeVries, momentum)
+  learning_rate: float = 1e-4
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  batch_size: int = 32               # global, over all devices and hosts
+  eval_batch_size: int = 64
+  stage1_epochs: int = 40
+  stage2_epochs: int = 60
+  max_steps_per_stage: int = 0       # 0 = no cap (for smoke tests)
+  # --- augmentation ---------------------------------------------------------
+  augment: bool = False
+  crop_size: int = 42
+  max_shift: float = 3.0
+  max_rotate_deg: float = 45.0
+  max_zoom: float = 1.2
+  flip: bool = True
+  ten_crop: bool = False
+  # --- run ------------------------------------------------------------------
+  seed: int = 0
+  workdir: str = "runs/chu"
+  log_every_steps: int = 20
+  checkpoint_every_steps: int = 200
+  keep_checkpoints: int = 3
+  eval_every_epochs: int = 0         # 0 = evaluate at the end of each stage
+  num_plot_images: int = 16
+  multihost: bool = False
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["splits"] = list(self.splits)
+    return d
+
+  def replace(self, **kw) -> "Config":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def two_stage(self) -> bool:
+    return self.stage1_epochs > 0
+
+  @property
+  def early_stopping(self) -> bool:
+    return self.early_stopping_k > 0
+
+
+_CHOICES = {
+    "emotion_loss": ("mse", "xent"),
+    "optimizer": ("adam", "sgd"),
+    "compute_dtype": ("float32", "bfloat16"),
+}
+
+
+def validate(cfg: Config, *, known_models=(), known_datasets=()) -> Config:
+  """Raises ConfigError naming the flag for any value that cannot work."""
+  def bad(flag, msg):
+    raise ConfigError(f"--{flag}={getattr(cfg, flag)!r}: {msg}")
+
+  for flag, choices in _CHOICES.items():
+    if getattr(cfg, flag) not in choices:
+      bad(flag, f"expected one of {', '.join(choices)}")
+  if known_models and cfg.model not in known_models:
+    bad("model", f"unknown model; known: {', '.join(sorted(known_models))}")
+  if known_datasets and cfg.dataset not in known_datasets:
+    bad("dataset", f"unknown dataset; known: {', '.join(sorted(known_datasets))}")
+  for flag in ("image_size", "batch_size", "eval_batch_size", "unet_width",
+               "fc_width", "map_reduction", "log_every_steps",
+               "checkpoint_every_steps", "keep_checkpoints", "crop_size"):
+    if getattr(cfg, flag) <= 0:
+      bad(flag, "expected a positive integer")
+  for flag in ("stage1_epochs", "stage2_epochs", "max_steps_per_stage",
+               "early_stopping_k", "eval_every_epochs"):
+    if getattr(cfg, flag) < 0:
+      bad(flag, "expected a non-negative integer")
+  if cfg.stage1_epochs + cfg.stage2_epochs == 0:
+    bad("stage2_epochs", "both stages have 0 epochs: nothing to train")
+  if cfg.learning_rate <= 0:
+    bad("learning_rate", "expected a positive number")
+  if not 0 <= cfg.dropout < 1:
+    bad("dropout", "expected 0 <= dropout < 1")
+  if cfg.model == "chu_unet" and cfg.image_size % (2 ** cfg.unet_depth):
+    bad("image_size", f"must be divisible by 2**unet_depth = {2 ** cfg.unet_depth}")
+  if cfg.model == "chu_unet" and cfg.image_size % cfg.map_reduction:
+    bad("map_reduction", f"must divide --image_size={cfg.image_size}")
+  if cfg.stage1_epochs > 0 and cfg.model != "chu_unet":
+    bad("stage1_epochs", f"two-stage training needs --model=chu_unet (a U-Net), "
+        f"not {cfg.model!r}; use --stage1_epochs=0")
+  if not cfg.splits:
+    bad("splits", "expected at least one split index")
+  if cfg.early_stopping_k == 1:
+    bad("early_stopping_k", "needs k >= 2 (a median over k+1 >= 3 values)")
+  for flag in ("landmark_weight", "emotion_weight", "unet_weight", "map_weight"):
+    if getattr(cfg, flag) < 0:
+      bad(flag, "expected a non-negative weight")
+  if cfg.eval_split not in ("test", "public_test", "private_test", "valid"):
+    bad("eval_split", "expected test, valid, public_test or private_test")
+  return cfg
