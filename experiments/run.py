@@ -1,0 +1,140 @@
+r"""Runs one tml experiment: flags -> one frozen Config -> tml.train.
+
+  python -m experiments.run --flagfile=chu.flags
+  python -m experiments.run --flagfile=demo.flags --workdir=runs/demo
+
+A ``--flagfile`` is looked up relative to the current directory, then to the
+including flag file, then to ``experiments/``, so ``--flagfile=chu.flags``
+works from the repository root and flag files can include each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import sys
+import typing
+
+from absl import app
+from absl import flags
+
+from tml import config as config_lib
+
+HERE = pathlib.Path(__file__).resolve().parent
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """One flag per Config field, same name, typed from the dataclass."""
+  hints = typing.get_type_hints(config_lib.Config)
+  for f in dataclasses.fields(config_lib.Config):
+    t, default = hints[f.name], f.default
+    doc = f"Config.{f.name}"
+    if t is bool:
+      flags.DEFINE_boolean(f.name, default, doc)
+    elif t is int:
+      flags.DEFINE_integer(f.name, default, doc)
+    elif t is float:
+      flags.DEFINE_float(f.name, default, doc)
+    elif t is str:
+      flags.DEFINE_string(f.name, default, doc)
+    else:  # tuple[int, ...]
+      flags.DEFINE_list(f.name, [str(v) for v in default], doc)
+
+
+_define_flags()
+
+
+def expand_flagfiles(argv: list[str], _seen: tuple = (), _base: pathlib.Path | None = None
+                     ) -> list[str]:
+  """Inlines ``--flagfile=`` arguments, resolving paths as the docstring says."""
+  out = []
+  for arg in argv:
+    if not arg.startswith("--flagfile="):
+      out.append(arg)
+      continue
+    name = arg.split("=", 1)[1]
+    candidates = [pathlib.Path(name)]
+    if _base is not None:
+      candidates.append(_base / name)
+    candidates.append(HERE / name)
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+      sys.exit(f"--flagfile={name}: no such file (looked in "
+               f"{', '.join(str(c.parent.resolve()) for c in candidates)})")
+    path = path.resolve()
+    if path in _seen:
+      sys.exit(f"--flagfile={name}: includes itself ({' -> '.join(map(str, _seen))})")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    out.extend(expand_flagfiles(lines, _seen + (path,), path.parent))
+  return out
+
+
+def config_from_flags() -> config_lib.Config:
+  hints = typing.get_type_hints(config_lib.Config)
+  kwargs = {}
+  for f in dataclasses.fields(config_lib.Config):
+    value = getattr(FLAGS, f.name)
+    if hints[f.name] not in (bool, int, float, str):
+      try:
+        value = tuple(int(v) for v in value)
+      except ValueError:
+        raise config_lib.ConfigError(
+            f"--{f.name}={','.join(value)}: expected comma-separated integers") from None
+    kwargs[f.name] = value
+  return config_lib.Config(**kwargs)
+
+
+def _quiet_logging() -> None:
+  """Our progress and log lines on the console; library INFO chatter off."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  tml_log = logging.getLogger("tml")
+  tml_log.setLevel(logging.INFO)
+  if not tml_log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    tml_log.addHandler(handler)
+    tml_log.propagate = False
+  logging.getLogger("tensorboardX").setLevel(logging.ERROR)
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _quiet_logging()
+  from tml import input_pipeline, models  # after flag parsing: jax starts here
+  try:
+    cfg = config_lib.validate(
+        config_from_flags(), known_models=models.model_names(),
+        known_datasets=input_pipeline.dataset_names())
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  if cfg.multihost:
+    from tml import parallel
+    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes,
+                                    cfg.process_id)
+  from tml import train
+  try:
+    results = train.train_and_evaluate(cfg)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)
+  except train.TrainingDiverged as e:
+    sys.exit(f"error: {e}")
+  keys = ("nme_inter_pupil", "mean_shape_nme_inter_pupil", "emotion_accuracy")
+  summary = ", ".join(f"{k}={results[k]:.2f}" for k in keys
+                      if isinstance(results.get(k), (int, float)))
+  print(f"done: {summary}; results in {os.path.join(cfg.workdir, 'results.json')}")
+
+
+def run() -> None:
+  app.run(main, argv=expand_flagfiles(sys.argv))
+
+
+if __name__ == "__main__":
+  run()

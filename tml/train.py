@@ -1,0 +1,392 @@
+"""The training loop: splits -> stages -> steps, with eval, checkpoints, guards.
+
+``train_and_evaluate(cfg)`` is the whole run. For every split of the protocol
+it trains the configured stages (Chu: stage 1 U-Net on the unet loss, then
+stage 2 everything on landmark + emotion; single-stage variants skip stage 1),
+evaluates with the ``tml.metrics`` functions, and writes results, tables and
+plots. Every stage checkpoints on an interval and on SIGTERM; a restarted run
+resumes from the latest checkpoint, data-iterator position included, and ends
+with the same parameters as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tml import checkpoint as checkpoint_lib
+from tml import input_pipeline
+from tml import metrics as metrics_lib
+from tml import models
+from tml import parallel
+from tml import preprocess
+from tml import protocol
+from tml import report
+from tml import train_step as step_lib
+from tml import writers
+from tml.config import Config
+
+log = logging.getLogger("tml")
+
+
+class TrainingDiverged(RuntimeError):
+  """A loss term or the gradient became NaN/Inf; the message says where."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived; a checkpoint was written and the run can be restarted."""
+
+
+# =============================================================================
+# Model, task and stages from the config
+# =============================================================================
+def build_model(cfg: Config, data: protocol.Dataset):
+  dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+  if cfg.model == "chu_unet":
+    return models.build_model(
+        "chu_unet", input_size=cfg.image_size, depth=cfg.unet_depth,
+        base_width=cfg.unet_width, fc_width=cfg.fc_width,
+        num_emotions=data.num_classes if cfg.emotion_head else 0,
+        landmark_head=cfg.landmark_head, map_reduction=cfg.map_reduction,
+        dtype=dtype)
+  if cfg.model == "basic_cnn":
+    return models.build_model("basic_cnn", input_size=cfg.image_size,
+                              fc_width=cfg.fc_width)
+  if cfg.model == "devries":
+    return models.build_model("devries", num_classes=data.num_classes,
+                              map_head=cfg.map_head, map_size=cfg.crop_size,
+                              dropout_rate=cfg.dropout)
+  raise ValueError(f"--model={cfg.model!r}: unknown; known: {models.model_names()}")
+
+
+def build_task(cfg: Config, data: protocol.Dataset) -> step_lib.TaskSpec:
+  expression = data.kind == "expression"
+  return step_lib.TaskSpec(
+      kind=data.kind, image_size=48 if expression else cfg.image_size,
+      num_classes=data.num_classes, crop_size=cfg.crop_size if expression else 0,
+      augment=cfg.augment, max_shift=cfg.max_shift,
+      max_rotate_deg=cfg.max_rotate_deg, max_zoom=cfg.max_zoom, flip=cfg.flip,
+      ten_crop=cfg.ten_crop and expression, emotion_loss=cfg.emotion_loss,
+      brow_width=cfg.brow_width, batch_standardise=expression)
+
+
+def build_stages(cfg: Config, data: protocol.Dataset) -> list[step_lib.StageSpec]:
+  stages = []
+  if cfg.stage1_epochs > 0:
+    stages.append(step_lib.StageSpec(
+        "stage1", {"unet": cfg.unet_weight}, cfg.stage1_epochs, trainable=("unet",)))
+  weights = {}
+  if cfg.model in ("chu_unet", "basic_cnn") and cfg.landmark_head:
+    weights["landmark"] = cfg.landmark_weight
+  if cfg.model != "basic_cnn" and cfg.emotion_head:
+    weights["emotion"] = cfg.emotion_weight
+  if cfg.model == "devries" and cfg.map_head:
+    weights["maps"] = cfg.map_weight
+  if cfg.stage2_epochs > 0:
+    stages.append(step_lib.StageSpec(
+        "stage2", weights, cfg.stage2_epochs,
+        early_stopping_k=cfg.early_stopping_k,
+        early_stopping_epsilon=cfg.early_stopping_epsilon))
+  return stages
+
+
+def _prepare_arrays(cfg: Config, data: protocol.Dataset, split: protocol.SplitData):
+  """Expression data: per-image norm 150 + per-pixel stats of this train set."""
+  if data.kind != "expression":
+    return split
+  norm = lambda a: dict(a, image=preprocess.per_image_normalise(a["image"]))
+  train = norm(split.train)
+  stats = preprocess.fit_pixel_stats(train["image"][split.train_idx])
+  apply = lambda a: dict(a, image=preprocess.apply_pixel_stats(a["image"], stats))
+  out = dataclasses.replace(split, train=apply(train),
+                            test=apply(norm(split.test)))
+  if split.select is not None:
+    out.select = apply(norm(split.select))
+  return out
+
+
+# =============================================================================
+# Evaluation
+# =============================================================================
+def predict(eval_step, params, arrays, idx, cfg: Config, mesh) -> dict[str, np.ndarray]:
+  """Runs the eval step over ``arrays[idx]`` in order; drops padding rows."""
+  it = input_pipeline.BatchIterator(
+      arrays, idx, global_batch_size=cfg.eval_batch_size, seed=0, shuffle=False,
+      drop_remainder=False, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_epochs=1)
+  chunks: dict[str, list] = {}
+  for batch in it:
+    gbatch = parallel.global_batch(batch, mesh)
+    out = parallel.to_host(eval_step(params, gbatch))
+    keep = parallel.to_host(gbatch["weight"]) > 0
+    for k, v in out.items():
+      chunks.setdefault(k, []).append(v[keep])
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def evaluate(preds, arrays, idx, data: protocol.Dataset,
+             train_landmarks: np.ndarray | None) -> dict[str, Any]:
+  """tml.metrics on gathered predictions. Percentages; null where n/a."""
+  res: dict[str, Any] = {k: None for k in (
+      "nme_inter_pupil", "nme_inter_ocular", "mean_shape_nme_inter_pupil",
+      "failure_rate_0.08", "failure_rate_0.10", "auc_0.08", "auc_0.10",
+      "emotion_accuracy")}
+  labels = arrays["emotion"][idx]
+  res["num_test_images"] = int(len(idx))
+  if "landmarks" in preds:
+    gt = arrays["landmarks"][idx]
+    res.update(metrics_lib.landmark_summary(
+        preds["landmarks"], gt, emotions=labels, class_names=data.class_names))
+    if train_landmarks is not None:
+      mean_shape = np.broadcast_to(train_landmarks.mean(axis=0), gt.shape)
+      res["mean_shape_nme_inter_pupil"] = 100.0 * float(np.mean(
+          metrics_lib.per_image_nme(mean_shape, gt, "inter_pupil")))
+  if "emotion_probs" in preds:
+    cls = metrics_lib.classification_summary(preds["emotion_probs"], labels,
+                                             data.class_names)
+    res["emotion_accuracy"] = cls.pop("accuracy")
+    res["emotion"] = cls
+  return res
+
+
+# =============================================================================
+# One stage
+# =============================================================================
+def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
+              split: protocol.SplitData, mesh, split_dir: pathlib.Path,
+              step_offset: int = 0, select_fn=None):
+  """Trains one stage; returns ``(params, meta, steps)``. Resumes if checkpointed.
+
+  Logged steps are ``step_offset`` + the stage's step, so the curves of
+  consecutive stages follow each other in one metrics file.
+  """
+  stage_dir = split_dir / stage.name
+  tx = step_lib.make_optimizer(cfg.optimizer, cfg.learning_rate,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               trainable=stage.trainable)
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), split.index),
+                          zlib.crc32(stage.name.encode()) & 0x7FFFFFFF)
+  state = step_lib.init_state(params, tx, rng, stage.early_stopping_k)
+  state = parallel.replicate(state, mesh)
+  ckpt = checkpoint_lib.Checkpointer(stage_dir / "checkpoints",
+                                     max_to_keep=cfg.keep_checkpoints,
+                                     save_interval_steps=cfg.checkpoint_every_steps)
+  it = input_pipeline.BatchIterator(
+      split.train, split.train_idx, global_batch_size=cfg.batch_size,
+      seed=cfg.seed * 7919 + split.index, shuffle=True, drop_remainder=True,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_epoch = it.steps_per_epoch
+  if steps_per_epoch == 0:
+    raise ValueError(f"--batch_size={cfg.batch_size}: larger than the "
+                     f"{len(split.train_idx)} training examples of {split.name}")
+  total = stage.epochs * steps_per_epoch
+  if cfg.max_steps_per_stage:
+    total = min(total, cfg.max_steps_per_stage)
+
+  meta: dict[str, Any] = {}
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    _, state, meta = restored
+    it.set_state(meta["iterator"])
+    log.info("%s/%s: resumed at step %d", split.name, stage.name, int(state.step))
+  if meta.get("done"):
+    ckpt.close()
+    return jax.device_get(state.params), meta, total
+
+  step_fn = step_lib.make_train_step(model, tx, task, stage, mesh)
+  start = int(state.step)
+  is_main = jax.process_index() == 0
+  writer = writers.MetricWriter(split_dir, enabled=is_main,
+                                purge_step=step_offset + start if start else None)
+  progress = writers.Progress(total, initial_step=start, batch_size=cfg.batch_size,
+                              enabled=is_main)
+  best = meta.get("best")
+  try:
+    state, meta = _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt,
+                              writer, progress, steps_per_epoch, total,
+                              step_offset, select_fn, best, stage_dir)
+  finally:
+    # Also on divergence or preemption: in-flight async saves must land
+    # before anyone reads the directory again.
+    ckpt.wait()
+    ckpt.close()
+  return jax.device_get(state.params), meta, total
+
+
+def _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt, writer,
+                progress, steps_per_epoch, total, step_offset, select_fn, best,
+                stage_dir):
+  """Steps ``state`` to ``total``; saves the final state with meta done=True."""
+  start = int(state.step)
+  meta: dict[str, Any] = {}
+  with checkpoint_lib.PreemptionWatcher() as preempt, writer:
+    for step in range(start, total):
+      batch = parallel.global_batch(next(it), mesh)
+      state, metrics = step_fn(state, batch)
+      done = step + 1 == total
+      epoch_end = (step + 1) % steps_per_epoch == 0
+      if (step + 1) % cfg.log_every_steps == 0 or done:
+        host = jax.device_get(metrics)
+        _guard(state, split, stage)
+        writer.write_scalars(step_offset + step + 1,
+                             {f"{stage.name}/{k}": float(v) for k, v in host.items()})
+        progress.update(step + 1, stage=stage.name, loss=float(host["loss/total"]))
+      if select_fn is not None and epoch_end and _eval_due(cfg, step, steps_per_epoch):
+        _guard(state, split, stage)
+        best = select_fn(state.params, step + 1, best, stage_dir)
+      meta = {"iterator": it.get_state(), "stage": stage.name,
+              "split": split.name, "best": best, "done": done}
+      stop = preempt.should_stop(step + 1)
+      if done or stop or (step + 1) % cfg.checkpoint_every_steps == 0:
+        _guard(state, split, stage)
+        ckpt.save(step + 1, state, meta, force=True)
+      if stop and not done:
+        raise Preempted(f"{split.name}/{stage.name}: SIGTERM at step {step + 1}; "
+                        f"checkpoint saved in {stage_dir}; rerun the same "
+                        f"command to resume")
+  return state, meta
+
+
+def _eval_due(cfg, step, steps_per_epoch) -> bool:
+  every = max(cfg.eval_every_epochs, 1)
+  return ((step + 1) // steps_per_epoch) % every == 0
+
+
+def _guard(state, split, stage):
+  """NaN guard: raises if any step so far produced a non-finite loss/grad."""
+  first = int(jax.device_get(state.first_nonfinite))
+  if first >= 0:
+    names = step_lib.nonfinite_names(int(jax.device_get(state.nonfinite_terms)))
+    raise TrainingDiverged(
+        f"{split.name}/{stage.name}: non-finite {', '.join(names)} at step "
+        f"{first + 1}; the update was not applied and nothing after it was "
+        f"saved; the last good checkpoint is kept")
+
+
+# =============================================================================
+# The whole run
+# =============================================================================
+def train_and_evaluate(cfg: Config) -> dict[str, Any]:
+  """Runs every split of the protocol; writes results under ``cfg.workdir``."""
+  workdir = pathlib.Path(cfg.workdir).expanduser()
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    writers.write_run_info(workdir, cfg.to_dict())
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(cfg.batch_size, mesh, "batch_size")
+  parallel.check_batch_divisible(cfg.eval_batch_size, mesh, "eval_batch_size")
+  t0 = time.time()
+  data = protocol.load(cfg)
+  log.info("loaded %s in %.1fs", cfg.dataset, time.time() - t0)
+  model = build_model(cfg, data)
+  task = build_task(cfg, data)
+  stages = build_stages(cfg, data)
+  eval_step = step_lib.make_eval_step(model, task, mesh)
+
+  per_split, curves, grid = [], {}, None
+  for split in protocol.splits(cfg, data):
+    split_dir = workdir / split.name
+    done_file = split_dir / "results.json"
+    if done_file.exists():
+      res = json.loads(done_file.read_text())
+      per_split.append(res)
+      log.info("%s: already done (%s)", split.name, done_file)
+      continue
+    split = _prepare_arrays(cfg, data, split)
+    sample = jnp.zeros((1, task.input_size, task.input_size, 1), jnp.float32)
+    init_key = jax.random.fold_in(jax.random.key(cfg.seed), split.index)
+    params = model.init({"params": init_key, "dropout": init_key}, sample,
+                        train=False)["params"]
+    select_fn = _make_select_fn(cfg, model, task, split, data, mesh, eval_step) \
+        if split.select is not None else None
+    meta: dict[str, Any] = {}
+    offset = 0
+    for stage in stages:
+      params, meta, steps = run_stage(cfg, stage, model, task, params, split, mesh,
+                                      split_dir, offset, select_fn)
+      offset += steps
+    if select_fn is not None and meta.get("best"):
+      params = _restore_best(split_dir / stages[-1].name, params)
+    preds = predict(eval_step, params, split.test, split.test_idx, cfg, mesh)
+    train_lms = (split.train["landmarks"][split.train_idx]
+                 if data.kind == "thermal" else None)
+    res = evaluate(preds, split.test, split.test_idx, data, train_lms)
+    res.update(split=split.name, test_set=split.test_name,
+               selected_by=split.select_name or None,
+               best_selection=meta.get("best"))
+    if is_main:
+      report.write_results(split_dir, res)
+      if "landmarks" in preds:
+        gt = split.test["landmarks"][split.test_idx]
+        curves[f"{cfg.model} ({split.name})"] = metrics_lib.per_image_nme(
+            preds["landmarks"], gt, "inter_pupil")
+        if train_lms is not None:
+          curves.setdefault("mean shape", metrics_lib.per_image_nme(
+              np.broadcast_to(train_lms.mean(0), gt.shape), gt, "inter_pupil"))
+        if grid is None:
+          n = min(cfg.num_plot_images, len(split.test_idx))
+          grid = (split.test["image"][split.test_idx[:n]],
+                  preds["landmarks"][:n], gt[:n])
+    per_split.append(res)
+
+  results = report.aggregate_splits(per_split)
+  results.update(dataset=cfg.dataset, model=cfg.model,
+                 stages=[s.name for s in stages], num_devices=jax.device_count(),
+                 config=cfg.to_dict())
+  if is_main:
+    report.write_results(workdir, results)
+    _write_tables_and_plots(cfg, workdir, results, curves, grid)
+  return results
+
+
+def _make_select_fn(cfg, model, task, split, data, mesh, eval_step):
+  """Model selection on the selection split (FER PublicTest, TFD valid)."""
+  def select(params, step, best, stage_dir):
+    preds = predict(eval_step, params, split.select, split.select_idx, cfg, mesh)
+    acc = 100.0 * float(np.mean(np.argmax(preds["emotion_probs"], -1)
+                                == split.select["emotion"][split.select_idx]))
+    log.info("%s step %d: %s accuracy %.2f%%", split.name, step,
+             split.select_name, acc)
+    if best is None or acc > best["accuracy"]:
+      best = {"accuracy": acc, "step": step}
+      ckpt = checkpoint_lib.Checkpointer(stage_dir / "best", max_to_keep=1,
+                                         save_interval_steps=1)
+      ckpt.save(step, {"params": params}, {"best": best}, force=True)
+      ckpt.wait()
+      ckpt.close()
+    return best
+  return select
+
+
+def _restore_best(stage_dir: pathlib.Path, params_template):
+  ckpt = checkpoint_lib.Checkpointer(stage_dir / "best", max_to_keep=1)
+  restored = ckpt.restore_latest({"params": params_template})
+  ckpt.close()
+  return restored[1]["params"] if restored else params_template
+
+
+def _write_tables_and_plots(cfg, workdir, results, curves, grid):
+  cols = [("split", "split", "{}"), ("nme_inter_pupil", "NME (inter-pupil, %)", "{:.2f}"),
+          ("nme_inter_ocular", "NME (inter-ocular, %)", "{:.2f}"),
+          ("mean_shape_nme_inter_pupil", "mean-shape NME (%)", "{:.2f}"),
+          ("failure_rate_0.10", "FR@10% (%)", "{:.2f}"), ("auc_0.10", "AUC@10%", "{:.2f}"),
+          ("emotion_accuracy", "emotion acc. (%)", "{:.2f}")]
+  rows = list(results.get("per_split", [])) + [dict(results, split="mean")]
+  text = report.markdown_table(rows, cols)
+  report.write_markdown(workdir, f"{cfg.model} on {cfg.dataset}", text)
+  metrics_files = sorted(workdir.glob("*/metrics.jsonl"))
+  if metrics_files:
+    report.plot_loss_curves(metrics_files[0], workdir / "loss_curves.png")
+  if curves:
+    report.plot_ced(curves, workdir / "ced.png", max_threshold=0.10)
+  if grid is not None:
+    report.plot_landmark_grid(*grid, workdir / "test_landmarks.png")
