@@ -1,0 +1,213 @@
+"""TFDS builder `kopaczka_thermal`: the real thermal face database (manual_dir).
+
+Kopaczka et al., "A thermal infrared face database with facial landmarks and
+emotion labels" (IEEE TIM 2018), the data of Chu & Liu 2019. It is available
+on registration only, so the user places it in the manual directory
+(``<data_dir>/downloads/manual/`` or ``download_config.manual_dir``); see
+`MANUAL_DOWNLOAD_INSTRUCTIONS` for the layout and for ``labels.csv``, which
+the user supplies because the database's own emotion / pose label files are
+not public.
+
+  from data_prep.kopaczka_thermal import KopaczkaThermal
+  builder = KopaczkaThermal(config="default", data_dir="/data/tfds",
+                            file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir="/data/kopaczka"))
+  source = builder.as_data_source("train")
+
+Bad input stops the build with a `ThermalFormatError` (or the LJSON reader's
+`LandmarkFormatError`) that names the file, the field and what was expected.
+TFDS writes into an ``incomplete.*`` directory and renames it only after the
+last example, so a failed build leaves nothing that reads as a dataset. With
+``skip_bad=True`` bad frames are skipped instead, counted per reason, and the
+counts are logged at the end and stored in ``info.metadata``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep import thermal_common
+from data_prep.kopaczka_thermal import reader
+from tml import landmarks as lm_lib
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Register for the database at RWTH Aachen (Kopaczka et al. 2018) and put its
+frames, flat, into the manual directory:
+
+  <base>.png    8-bit or 16-bit greyscale PNG  (or <base>.npy: a float array
+                of temperatures in degrees C, mapped through [t_min, t_max])
+  <base>.ljson  menpo LJSON v2: 68 iBUG points as [y, x], 0-based;
+                null = missing
+  labels.csv    one row per frame, written by you (see below)
+
+<base> is irface_subSSS_seqQQ_frmFFFFF.jpg_lfb (a few .png_lfb). Subject,
+sequence and frame are read from it. Other files are ignored.
+
+labels.csv: a header row and the columns
+  file_name  the frame's image file name or its <base> (directories dropped)
+  emotion    angry, contempt, disgust, fear, happy, sad, surprise, neutral
+             (case-insensitive) or their index 0-7 in that order
+  pose       head pose 0-8, 0 = frontal
+  glasses    optional: 1/0, true/false, yes/no (empty = no)
+Every frame needs a row; rows without a frame are ignored with a warning.
+"""
+
+
+@dataclasses.dataclass
+class KopaczkaThermalConfig(tfds.core.BuilderConfig):
+  """How to store the database.
+
+  Attributes:
+    crop_size: S, the stored square crop side.
+    margin: crop margin per side, fraction of the landmark extent.
+    t_min, t_max: temperature window (degrees C) for .npy frames.
+    skip_missing_points: skip frames whose LJSON has a null point instead of
+      stopping the build.
+    skip_bad: skip (and count) any bad frame instead of stopping the build;
+      implies skip_missing_points.
+    labels_file: name of the labels CSV inside the manual directory.
+  """
+  crop_size: int = thermal_common.DEFAULT_CROP_SIZE
+  margin: float = thermal_common.DEFAULT_MARGIN
+  t_min: float = thermal_common.DEFAULT_T_MIN
+  t_max: float = thermal_common.DEFAULT_T_MAX
+  skip_missing_points: bool = False
+  skip_bad: bool = False
+  labels_file: str = "labels.csv"
+
+
+class KopaczkaThermal(thermal_common.CodePathFromFile,
+                      tfds.core.GeneratorBasedBuilder):
+  """The Kopaczka thermal face database as square crops with 68 landmarks."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [
+      KopaczkaThermalConfig(name="default", description="128x128 crops."),
+      KopaczkaThermalConfig(name="crop64", crop_size=64,
+                            description="64x64 crops."),
+      KopaczkaThermalConfig(name="crop256", crop_size=256,
+                            description="256x256 crops."),
+  ]
+  DEFAULT_CONFIG_NAME = "default"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    description = (
+        "Kopaczka et al. 2018 thermal face database (1024x768 long-wave "
+        "infrared frames, 68 manually placed iBUG landmarks; emotion and "
+        "head pose from a user-supplied labels.csv), stored as square face "
+        "crops from the landmark extent in the common thermal schema "
+        f"(data_prep/thermal_common.py): crops {cfg.crop_size}x"
+        f"{cfg.crop_size}, margin {cfg.margin:g}, temperature window "
+        f"{cfg.t_min:g}-{cfg.t_max:g} C for .npy frames. Chu & Liu 2019 use "
+        "its 2,190 frontal frames of 64 subjects. Single split 'train'; the "
+        "numbers of frames, frontal frames (per emotion) and skipped frames "
+        "of a build are in info.metadata.")
+    return tfds.core.DatasetInfo(
+        builder=self, description=description,
+        features=thermal_common.features_dict(cfg.crop_size),
+        metadata=tfds.core.MetadataDict(), citation=_CITATION)
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(dl_manager.manual_dir)}
+
+  def _generate_examples(self, manual_dir):
+    cfg = self.builder_config
+    manual_dir = os.fspath(manual_dir)
+    strict = not cfg.skip_bad
+    labels_path = os.path.join(manual_dir, cfg.labels_file)
+    # A missing or unreadable labels file is never skipped: nothing to build.
+    labels, label_errors = reader.read_labels(labels_path, strict=strict)
+    frames, file_errors = reader.scan_frames(manual_dir, strict=strict)
+    if not frames and not file_errors:
+      raise thermal_common.format_error(
+          manual_dir, "frames", "<base>.png or .npy with <base>.ljson files "
+          "(see MANUAL_DOWNLOAD_INSTRUCTIONS)", "none", reason="config")
+
+    skipped = collections.Counter()
+    written, frontal = collections.Counter(), collections.Counter()
+    for err in file_errors:
+      skipped[err.reason] += 1
+      logging.warning("kopaczka_thermal: skipping: %s", err)
+    for frame in frames:
+      try:
+        label = labels.get(frame.base)
+        if label is None:
+          raise label_errors.get(frame.base) or thermal_common.format_error(
+              labels_path, "file_name", f"a row for frame {frame.base} "
+              f"(from {frame.image_path})", "none", reason="labels")
+        example = self._example(frame, label)
+      except (thermal_common.ThermalFormatError,
+              lm_lib.LandmarkFormatError) as err:
+        reason = reader.reason_of(err)
+        if strict and not (reason == "missing_points"
+                           and cfg.skip_missing_points):
+          raise
+        skipped[reason] += 1
+        logging.warning("kopaczka_thermal: skipping: %s", err)
+        continue
+      written[label.emotion] += 1
+      frontal[label.emotion] += label.pose == 0
+      yield frame.base, example
+
+    unused = sorted(set(labels) - {f.base for f in frames})
+    if unused:
+      logging.warning("kopaczka_thermal: %d labels.csv rows name no frame in "
+                      "%s (first: %s)", len(unused), manual_dir, unused[0])
+    self._record_summary(written, frontal, skipped, len(unused))
+
+  def _example(self, frame: reader.Frame, label: reader.Label) -> dict:
+    """One frame's stored example; raises on any bad input."""
+    cfg = self.builder_config
+    points = lm_lib.read_ljson(frame.ljson_path)
+    missing = np.flatnonzero(~np.isfinite(points).all(axis=1)).tolist()
+    if missing:
+      raise thermal_common.format_error(
+          frame.ljson_path, f"landmarks.points[{missing[0]}]",
+          "68 [y, x] points (set skip_missing_points=True to skip frames "
+          "with null points)", f"null at indices {missing}",
+          reason="missing_points")
+    image = reader.load_image(frame.image_path)
+    grey = thermal_common.to_unit_grey(image, cfg.t_min, cfg.t_max,
+                                       source=frame.image_path)
+    return thermal_common.make_example(
+        grey, points, crop_size=cfg.crop_size, margin=cfg.margin,
+        emotion=label.emotion, subject=frame.subject, sequence=frame.sequence,
+        frame=frame.frame, pose=label.pose, glasses=label.glasses,
+        file_name=os.path.basename(frame.image_path))
+
+  def _record_summary(self, written, frontal, skipped, unused_rows):
+    emotions = thermal_common.THERMAL_EMOTIONS
+    summary = {
+        "num_frames": sum(written.values()),
+        "num_frontal": sum(frontal.values()),
+        "frontal_per_emotion": {e: frontal.get(e, 0) for e in emotions},
+        "frames_per_emotion": {e: written.get(e, 0) for e in emotions},
+        "num_skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+        "unused_label_rows": unused_rows,
+    }
+    self.info.metadata.update(summary)
+    logging.info(
+        "kopaczka_thermal: wrote %d frames (%d frontal); skipped %d %s; "
+        "%d unused label rows", summary["num_frames"], summary["num_frontal"],
+        summary["num_skipped"], summary["skipped_by_reason"], unused_rows)
+
+
+_CITATION = """\
+@article{kopaczka2018thermal,
+  title={A Thermal Infrared Face Database With Facial Landmarks and Emotion
+         Labels},
+  author={Kopaczka, Marcin and Kolk, Raphael and Schock, Justus and
+          Burkhard, Felix and Merhof, Dorit},
+  journal={IEEE Transactions on Instrumentation and Measurement},
+  year={2018}
+}"""
