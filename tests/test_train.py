@@ -182,3 +182,38 @@ def test_bad_flag_gives_one_line_error():
   out = subprocess.run([sys.executable, "-m", "experiments.run", "--flagfile=nope.flags"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "--flagfile=nope.flags" in out.stderr
+
+
+def test_two_process_run_matches_single_process(tmp_path, small_thermal):
+  """The README's multi-host recipe, on 2 CPU processes x 2 devices (gloo).
+
+  Same global batches as one process with 4 devices: the same results, and
+  only process 0 writes logs and reports.
+  """
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  base = _run_cmd(tmp_path / "mh", small_thermal) + ["--stage2_epochs=1"]
+  procs = [subprocess.Popen(base + ["--multihost", f"--coordinator_address=localhost:{port}",
+                                    "--num_processes=2", f"--process_id={i}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  ref_env = dict(os.environ, PYTHONUNBUFFERED="1",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  subprocess.run(_run_cmd(tmp_path / "single", small_thermal) + ["--stage2_epochs=1"],
+                 cwd=REPO, env=ref_env, check=True, capture_output=True, timeout=600)
+  mh = json.loads((tmp_path / "mh" / "results.json").read_text())
+  single = json.loads((tmp_path / "single" / "results.json").read_text())
+  assert mh["num_devices"] == single["num_devices"] == 4
+  for k in ("nme_inter_pupil", "nme_inter_ocular", "emotion_accuracy"):
+    assert mh[k] == pytest.approx(single[k], rel=1e-3, abs=1e-3), k
+  # Process 1 printed no progress lines (process 0 alone writes logs).
+  import re
+  progress = re.compile(r"step \d+/\d+ \(")
+  assert progress.search(outs[0]) and not progress.search(outs[1])

@@ -27,6 +27,7 @@ class Config:
   dataset_config: str = ""           # TFDS builder config name ("" = default)
   data_dir: str = "~/tensorflow_datasets"
   manual_dir: str = ""
+  landmarks_file: str = ""           # fer2013/tfd config dlib68: label68 output
   image_size: int = 128              # N: network input (thermal crops resized)
   splits: tuple[int, ...] = (0, 1, 2, 3, 4)   # Chu protocol repeats / TFD folds
   eval_split: str = "test"           # fer2013: public_test or private_test

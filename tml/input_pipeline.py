@@ -29,6 +29,7 @@ import dataclasses
 import importlib
 import logging
 import math
+import os
 import pathlib
 import queue
 import threading
@@ -108,7 +109,8 @@ def dataset_info(name: str) -> DatasetSpec:
 
 
 def open_source(name: str, *, data_dir, split: str, manual_dir=None,
-                config: str | None = None, build_if_missing: bool = True):
+                config: str | None = None, build_if_missing: bool = True,
+                builder_kwargs: Mapping[str, Any] | None = None):
   """A random-access source of one split of a registered dataset.
 
   Imports the builder's module lazily (so tml imports no builder code until
@@ -122,9 +124,12 @@ def open_source(name: str, *, data_dir, split: str, manual_dir=None,
   """
   import tensorflow_datasets as tfds  # local: heavy, only needed here
   spec = dataset_info(name)
+  data_dir = os.path.expanduser(os.fspath(data_dir))  # TFDS would make './~'
+  if manual_dir:
+    manual_dir = os.path.expanduser(os.fspath(manual_dir))
   importlib.import_module(spec.module)
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir, config=config,
-                         file_format="array_record")
+                         file_format="array_record", **(builder_kwargs or {}))
   if not builder.is_prepared():
     if not build_if_missing:
       raise FileNotFoundError(

@@ -23,11 +23,21 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   On a TPU VM every argument can stay empty: JAX discovers the slice from the
   environment. Elsewhere pass all three.
   """
+  # CPU processes need gloo for cross-process collectives (used by the
+  # tested 2-process CPU recipe); GPU and TPU backends ignore this option.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if coordinator_address:
     kwargs = dict(coordinator_address=coordinator_address,
                   num_processes=num_processes, process_id=process_id)
   jax.distributed.initialize(**kwargs)
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from tml import input_pipeline
+from tml import parallel
 from tml.config import Config
 
 
@@ -49,14 +51,24 @@ class Dataset:
 def load(cfg: Config) -> Dataset:
   """Opens (building if needed) and loads every split the protocol uses."""
   info = input_pipeline.dataset_info(cfg.dataset)
+  # Process 0 builds a missing dataset first; on a shared file system the
+  # others then find it prepared instead of racing to write it (hosts with
+  # their own disks, like TPU VMs, each build their own copy after that).
+  first = jax.process_index() == 0
+  if not first:
+    parallel.barrier("dataset-built")
   arrays = {}
   for split in info.splits:
+    kwargs = {"landmarks_file": cfg.landmarks_file} if cfg.landmarks_file else None
     source = input_pipeline.open_source(
         cfg.dataset, data_dir=cfg.data_dir, split=split,
-        manual_dir=cfg.manual_dir or None, config=cfg.dataset_config or None)
+        manual_dir=cfg.manual_dir or None, config=cfg.dataset_config or None,
+        builder_kwargs=kwargs)
     size = cfg.image_size if info.kind == "thermal" else None
     arrays[split] = input_pipeline.load_examples(source, image_size=size,
                                                  sort_by=info.key_field)
+  if first:
+    parallel.barrier("dataset-built")
   return Dataset(cfg.dataset, info.kind, tuple(info.class_names), arrays)
 
 
