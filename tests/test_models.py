@@ -1,0 +1,374 @@
+"""Tests for tml.models: shapes, parameter trees, counts, errors, dropout.
+
+Speed: shapes and dtypes are checked with ``jax.eval_shape`` (tracing only,
+no XLA compile); tests that need numbers share a few module-scoped jitted
+applies. Parameters are filled from NumPy (see ``_init``).
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tml import models
+from tml.models import BasicCNN, ChuUNet, DeVriesNet
+from tml.models import layers
+
+TINY_UNET = dict(input_size=16, depth=2, base_width=4, fc_width=16)
+TINY_CNN = dict(input_size=16, fc_width=16)
+TINY_DEVRIES = dict(fc_width=32)  # the conv widths are fixed; 42x42 input
+
+
+def _images(b, n, seed=0, c=1):
+  return jnp.asarray(
+      np.random.default_rng(seed).uniform(size=(b, n, n, c)), jnp.float32)
+
+
+def _shapes(model, shape):
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def _init(model, images, seed=0):
+  """Variables of ``model`` for ``images``, filled from NumPy.
+
+  ``model.init`` traced abstractly (structure and shapes are the real ones)
+  and filled with fan-in scaled normal kernels and NON-zero biases. Running
+  the real initialisers compiles one threefry kernel per layer, which takes
+  seconds each on CPU under jax_threefry_partitionable (the default); they
+  are tested directly in test_truncated_normal_initialisers.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    if path[-1].key == "bias":
+      return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
+    std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+    return jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, _shapes(model, images.shape))
+
+
+def _out_shapes(model, images, **kwargs):
+  variables = _shapes(model, images.shape)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, **kwargs), variables,
+                       images)
+  return variables, {k: (v.shape, v.dtype) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def unet():
+  model = ChuUNet(**TINY_UNET)
+  x = _images(2, 16)
+  apply = jax.jit(model.apply, static_argnames="train")
+  return model, _init(model, x), x, apply
+
+
+@pytest.fixture(scope="module")
+def devries():
+  model = DeVriesNet(**TINY_DEVRIES)
+  x = _images(2, 42)
+  apply = jax.jit(model.apply, static_argnames="train")
+  return model, _init(model, x), x, apply
+
+
+# ----------------------------------------------------------------------------
+# Independent parameter counts, from the architecture formulas.
+# ----------------------------------------------------------------------------
+def _conv(k, cin, cout):
+  return k * k * cin * cout + cout
+
+
+def _dense(din, dout):
+  return din * dout + dout
+
+
+def unet_body_count(depth, base, cin=1):
+  total, c = 0, cin
+  for level in range(depth):
+    w = base * 2**level
+    total += _conv(3, c, w) + _conv(3, w, w)
+    c = w
+  w = base * 2**depth
+  total += _conv(3, c, w) + _conv(3, w, w)
+  for level in reversed(range(depth)):
+    c, w = w, base * 2**level
+    total += _conv(2, c, w)                    # 2x2 transposed conv
+    total += _conv(3, 2 * w, w) + _conv(3, w, w)
+  return total + _conv(1, w, 1)
+
+
+def chu_head_count(n, fc, k=68, emotions=8, landmark_head=True, r=1):
+  total = _dense((n // r)**2, fc)
+  total += _dense(fc, 2 * k) if landmark_head else 0
+  total += _dense(fc, emotions) if emotions else 0
+  return total
+
+
+# ----------------------------------------------------------------------------
+# Registry.
+# ----------------------------------------------------------------------------
+def test_registry_names_and_classes():
+  assert models.model_names() == ["basic_cnn", "chu_unet", "devries"]
+  assert isinstance(models.build_model("chu_unet", **TINY_UNET), ChuUNet)
+  assert models.build_model("chu_unet", **TINY_UNET).depth == 2
+  assert isinstance(models.build_model("basic_cnn"), BasicCNN)
+  assert isinstance(models.build_model("devries"), DeVriesNet)
+
+
+def test_registry_unknown_name_lists_known_names():
+  with pytest.raises(KeyError, match="basic_cnn, chu_unet, devries"):
+    models.build_model("resnet50")
+
+
+def test_registry_unknown_argument():
+  with pytest.raises(TypeError, match="no argument"):
+    models.build_model("devries", input_size=42)
+
+
+# ----------------------------------------------------------------------------
+# Shapes, keys, parameter trees (eval_shape: no compile).
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,keys", [
+    (dict(TINY_UNET), {"heatmap", "landmarks", "emotion_logits"}),
+    (dict(TINY_UNET, num_emotions=0), {"heatmap", "landmarks"}),
+    (dict(TINY_UNET, landmark_head=False), {"heatmap", "emotion_logits"}),
+    (dict(TINY_UNET, landmark_head=False, num_emotions=0), {"heatmap"}),
+])
+def test_chu_unet_outputs(kwargs, keys):
+  variables, out = _out_shapes(ChuUNet(**kwargs), _images(2, 16))
+  assert set(variables) == {"params"}  # no mutable collections
+  want = {"heatmap": (2, 16, 16), "landmarks": (2, 68, 2),
+          "emotion_logits": (2, 8)}
+  assert out == {k: (want[k], jnp.float32) for k in keys}
+  has_head = keys != {"heatmap"}
+  assert set(variables["params"]) == ({"unet", "head"} if has_head
+                                      else {"unet"})
+
+
+def test_basic_cnn_outputs():
+  variables, out = _out_shapes(BasicCNN(**TINY_CNN, num_emotions=3),
+                               _images(2, 16))
+  assert out == {"landmarks": ((2, 68, 2), jnp.float32),
+                 "emotion_logits": ((2, 3), jnp.float32)}
+  assert set(variables) == {"params"}
+  assert set(variables["params"]) == {"features", "head"}
+  assert set(variables["params"]["features"]) == {
+      f"conv_{i}" for i in range(6)}
+  # 16 -> 8 -> 4 -> 2 -> 1 after the four pools: 1 * 1 * 128 features.
+  assert variables["params"]["head"]["fc_hidden"]["kernel"].shape == (128, 16)
+  _, out = _out_shapes(BasicCNN(**TINY_CNN), _images(2, 16))
+  assert set(out) == {"landmarks"}
+
+
+@pytest.mark.parametrize("map_head", [True, False])
+def test_devries_outputs(map_head):
+  variables, out = _out_shapes(DeVriesNet(map_head=map_head, **TINY_DEVRIES),
+                               _images(2, 42), train=False)
+  want = {"emotion_logits": ((2, 7), jnp.float32)}
+  if map_head:
+    want["maps"] = ((2, 42, 42, 3), jnp.float32)
+  assert out == want
+  assert set(variables) == {"params"}
+  assert set(variables["params"]) == {"features", "head"}
+  # 42 -> 21 -> 10 -> 5: the hidden layer sees 5 * 5 * 64 inputs.
+  assert variables["params"]["head"]["fc_hidden"]["kernel"].shape == (1600, 32)
+
+
+def test_unet_body_structure():
+  params = _shapes(ChuUNet(input_size=32, depth=3, base_width=4, fc_width=8),
+                   (1, 32, 32, 1))["params"]["unet"]
+  assert set(params) == (
+      {f"enc_{l}_conv{i}" for l in range(3) for i in (1, 2)}
+      | {"bottleneck_conv1", "bottleneck_conv2", "out_conv"}
+      | {f"upconv_{l}" for l in range(3)}
+      | {f"dec_{l}_conv{i}" for l in range(3) for i in (1, 2)})
+  assert params["enc_0_conv1"]["kernel"].shape == (3, 3, 1, 4)
+  assert params["bottleneck_conv2"]["kernel"].shape == (3, 3, 32, 32)
+  assert params["upconv_2"]["kernel"].shape == (2, 2, 32, 16)
+  assert params["upconv_0"]["kernel"].shape == (2, 2, 8, 4)
+  assert params["dec_0_conv1"]["kernel"].shape == (3, 3, 8, 4)
+  assert params["out_conv"]["kernel"].shape == (1, 1, 4, 1)
+
+
+@pytest.mark.parametrize("depth,base,fc,emotions,lm_head,r,n", [
+    (1, 4, 8, 8, True, 1, 16),
+    (2, 4, 16, 0, True, 2, 16),
+    (3, 2, 8, 5, False, 4, 32),
+    (4, 64, 1024, 8, True, 1, 128),   # the default model
+])
+def test_unet_param_count_matches_formula(depth, base, fc, emotions, lm_head,
+                                          r, n):
+  model = ChuUNet(input_size=n, depth=depth, base_width=base, fc_width=fc,
+                  num_emotions=emotions, landmark_head=lm_head,
+                  map_reduction=r)
+  p = _shapes(model, (1, n, n, 1))["params"]
+  assert models.param_count(p["unet"]) == unet_body_count(depth, base)
+  assert models.param_count(p["head"]) == chu_head_count(
+      n, fc, emotions=emotions, landmark_head=lm_head, r=r)
+
+
+def test_default_param_counts():
+  def count(model, n):
+    return models.param_count(_shapes(model, (1, n, n, 1)))
+  # The classic U-Net body (31.03 M with one input and one output channel).
+  assert count(ChuUNet(), 128) == 31_030_593 + 16_925_840 == 47_956_433
+  cnn_convs = (_conv(3, 1, 32) + _conv(3, 32, 32) + _conv(3, 32, 64)
+               + _conv(3, 64, 64) + _conv(3, 64, 128) + _conv(3, 128, 128))
+  assert count(BasicCNN(), 128) == (cnn_convs + _dense(8 * 8 * 128, 1024)
+                                    + _dense(1024, 136)) == 8_815_464
+  devries = (_conv(5, 1, 32) + _conv(4, 32, 64) + _conv(5, 64, 64)
+             + _dense(1600, 3072) + _dense(3072, 7) + _dense(3072, 5292))
+  assert count(DeVriesNet(), 42) == devries == 21_338_227
+
+
+def test_map_reduction_pools_a_before_the_head():
+  params = _shapes(ChuUNet(**dict(TINY_UNET, map_reduction=4)),
+                   (1, 16, 16, 1))["params"]
+  assert params["head"]["fc_hidden"]["kernel"].shape == (16, 16)
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+# ----------------------------------------------------------------------------
+def test_constructor_errors():
+  with pytest.raises(ValueError, match="divisible by 2\\*\\*depth=8"):
+    ChuUNet(input_size=36, depth=3)
+  with pytest.raises(ValueError, match="map_reduction"):
+    ChuUNet(input_size=16, depth=2, map_reduction=3)
+  with pytest.raises(ValueError, match="divisible by 16"):
+    BasicCNN(input_size=40)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    DeVriesNet(dropout_rate=1.0)
+  with pytest.raises(ValueError, match="num_classes > 0 or map_head"):
+    DeVriesNet(num_classes=0, map_head=False)
+
+
+@pytest.mark.parametrize("model,good,bad", [
+    (ChuUNet(**TINY_UNET), (1, 16, 16, 1), (1, 32, 32, 1)),
+    (BasicCNN(**TINY_CNN), (1, 16, 16, 1), (1, 32, 16, 1)),
+    (DeVriesNet(**TINY_DEVRIES), (1, 42, 42, 1), (1, 48, 48, 1)),
+    (DeVriesNet(**TINY_DEVRIES), (1, 42, 42, 1), (42, 42, 1)),
+])
+def test_wrong_image_shape_is_a_clear_error(model, good, bad):
+  variables = _shapes(model, good)
+  with pytest.raises(ValueError, match="NHWC|built for"):
+    jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct(bad,
+                                                                jnp.float32))
+
+
+# ----------------------------------------------------------------------------
+# Numbers: initialisers, head semantics, gradients.
+# ----------------------------------------------------------------------------
+def test_truncated_normal_initialisers():
+  fan_in = 64
+
+  @jax.jit
+  def draw(key):
+    k1, k2 = jax.random.split(key)
+    return (layers.he_truncated_normal(k1, (fan_in, 4096)),
+            layers.lecun_truncated_normal(k2, (fan_in, 4096)))
+
+  for w, scale in zip(draw(jax.random.key(0)), (2.0, 1.0)):
+    w = np.asarray(w)
+    std = np.sqrt(scale / fan_in)
+    # Variance as named despite the truncation; nothing beyond 2 sigma of
+    # the underlying (wider) normal.
+    np.testing.assert_allclose(w.std(), std, rtol=0.02)
+    assert np.abs(w).max() <= 2 * std / 0.87962566 + 1e-6
+
+
+def test_landmarks_are_sigmoid_in_unit_range_and_xy_interleaved(unet):
+  model, variables, x, apply = unet
+  out = apply(variables, x * 1e3)["landmarks"]  # saturate the sigmoid
+  assert bool(jnp.all((out >= 0) & (out <= 1)))
+  # Unit 2i is x_i, 2i+1 is y_i: with a zero kernel the output is the bias.
+  variables = flax.core.unfreeze(jax.tree.map(lambda a: a, variables))
+  fc = variables["params"]["head"]["fc_landmarks"]
+  fc["kernel"] = jnp.zeros_like(fc["kernel"])
+  fc["bias"] = jnp.arange(136, dtype=jnp.float32) / 136 - 0.5
+  out = apply(variables, x)["landmarks"]
+  np.testing.assert_allclose(out[1, 5], jax.nn.sigmoid(fc["bias"][10:12]),
+                             rtol=1e-6)
+
+
+def test_chu_unet_ignores_train_flag(unet):
+  _, variables, x, apply = unet
+  a, b = apply(variables, x), apply(variables, x, train=True)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_heatmap_does_not_depend_on_head_params(unet):
+  model, variables, x, apply = unet
+  moved = {"params": dict(variables["params"])}
+  moved["params"]["head"] = jax.tree.map(lambda a: a + 1.0,
+                                         variables["params"]["head"])
+  a, b = apply(variables, x), apply(moved, x)
+  np.testing.assert_array_equal(a["heatmap"], b["heatmap"])
+  assert not np.allclose(a["landmarks"], b["landmarks"])
+
+  # The head outputs reach every parameter of both parts.
+  def loss(p):
+    out = model.apply({"params": p}, x)
+    return jnp.sum(out["landmarks"] ** 2) + jnp.sum(out["emotion_logits"]**2)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  for part in ("unet", "head"):
+    for path, g in jax.tree_util.tree_leaves_with_path(grads[part]):
+      assert bool(jnp.all(jnp.isfinite(g))), path
+      assert float(jnp.abs(g).max()) > 0, path
+
+
+def test_devries_map_layout(devries):
+  _, variables, x, apply = devries
+  variables = flax.core.unfreeze(jax.tree.map(lambda a: a, variables))
+  fc = variables["params"]["head"]["fc_maps"]
+  fc["kernel"] = jnp.zeros_like(fc["kernel"])
+  fc["bias"] = jnp.arange(42 * 42 * 3, dtype=jnp.float32)
+  maps = apply(variables, x)["maps"]
+  # Unit (i * 42 + j) * 3 + c is pixel (row i, col j) of map c.
+  assert float(maps[1, 7, 3, 2]) == (7 * 42 + 3) * 3 + 2
+
+
+def test_devries_dropout_only_in_train_mode(devries):
+  model, variables, x, apply = devries
+  eval1 = apply(variables, x)   # no rng needed in eval mode
+  eval2 = apply(variables, x, train=False,
+                rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(eval1["maps"], eval2["maps"])
+  tr1 = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  tr2 = apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+  tr1b = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(tr1["maps"], tr2["maps"])
+  assert not np.allclose(tr1["maps"], eval1["maps"])
+  np.testing.assert_array_equal(tr1["maps"], tr1b["maps"])
+  with pytest.raises(Exception, match="dropout"):
+    jax.eval_shape(functools.partial(model.apply, train=True), variables, x)
+  no_drop = model.clone(dropout_rate=0.0)
+  out = jax.eval_shape(functools.partial(no_drop.apply, train=True),
+                       variables, x)  # needs no rng at rate 0
+  assert out["maps"].shape == (2, 42, 42, 3)
+
+
+def test_bfloat16_compute(unet):
+  model, variables, x, apply = unet
+  bf16 = model.clone(dtype=jnp.bfloat16)
+  out = jax.jit(bf16.apply)(variables, x)
+  ref = apply(variables, x)
+  for k in ref:
+    assert out[k].dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out[k])))
+    # bf16 keeps ~3 significant digits; the point is that it runs sanely.
+    scale = float(jnp.abs(ref[k]).max())
+    np.testing.assert_allclose(out[k], ref[k], atol=0.05 * scale)
+  for other, n in ((BasicCNN(**TINY_CNN, dtype=jnp.bfloat16), 16),
+                   (DeVriesNet(**TINY_DEVRIES, dtype=jnp.bfloat16), 42)):
+    params, shapes = _out_shapes(other, _images(2, n))
+    assert all(v.dtype == jnp.float32
+               for v in jax.tree_util.tree_leaves(params))
+    assert all(dtype == jnp.float32 for _, dtype in shapes.values())

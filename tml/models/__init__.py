@@ -1,0 +1,68 @@
+"""Model registry: look networks up by name.
+
+Every registered model is a Flax linen module with params only (no batch
+statistics or other mutable collections) and the call signature
+``model.apply({'params': params}, images, train=False, rngs=...)`` ->
+``dict[str, jax.Array]``; images are ``(B, H, W, C)`` float NHWC. The output
+keys, present only when the model has that output:
+
+  ``'heatmap'``        ``(B, N, N)``      Chu's map A, logits (pre-softmax).
+  ``'landmarks'``      ``(B, 68, 2)``     sigmoid, normalised (x/W, y/H).
+  ``'emotion_logits'`` ``(B, C)``         logits (the loss applies softmax).
+  ``'maps'``           ``(B, h, w, 3)``   DeVries per-pixel map logits.
+
+Registered names: ``chu_unet`` (ChuUNet), ``basic_cnn`` (BasicCNN), ``devries``
+(DeVriesNet).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from tml.models.cnn import BasicCNN
+from tml.models.devries import DeVriesNet
+from tml.models.unet import ChuUNet
+
+MODELS: dict[str, type[nn.Module]] = {
+    "chu_unet": ChuUNet,
+    "basic_cnn": BasicCNN,
+    "devries": DeVriesNet,
+}
+
+
+def model_names() -> list[str]:
+  """The registered model names, sorted."""
+  return sorted(MODELS)
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+  """Instantiates the registered model ``name`` with constructor ``kwargs``.
+
+  Raises:
+    KeyError: ``name`` is not registered (the message lists the known names).
+    TypeError: a keyword is not an attribute of that model.
+  """
+  try:
+    cls = MODELS[name]
+  except KeyError:
+    raise KeyError(f"unknown model {name!r}; known models: "
+                   f"{', '.join(model_names())}") from None
+  fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise TypeError(f"model {name!r} has no argument(s) {unknown}; it takes "
+                    f"{sorted(fields)}")
+  return cls(**kwargs)
+
+
+def param_count(params: Any) -> int:
+  """Total number of scalars in a parameter pytree."""
+  leaves = jax.tree_util.tree_leaves(params)
+  return int(sum(np.prod(np.shape(x)) for x in leaves))
+
+
+__all__ = ["MODELS", "BasicCNN", "ChuUNet", "DeVriesNet", "build_model",
+           "model_names", "param_count"]
