@@ -210,3 +210,13 @@ def test_plot_per_landmark_and_bar(tmp_path):
   out = report.plot_bar(means, tmp_path / "bar.png", "NME per emotion",
                         errors=stds)
   assert _png_size(out) == (740, 350)  # 0.8 in per bar + 1 in
+
+
+def test_markdown_table_keys_with_dots_are_literal_first():
+  rows = [{"failure_rate_0.10": 0.0, "failure_rate_0.10_std": 0.5, "auc_0.10": 72.4,
+           "nested": {"x": 1.5}}]
+  text = report.markdown_table(rows, [("failure_rate_0.10", "FR", "{:.2f}"),
+                                      ("auc_0.10", "AUC", "{:.1f}"),
+                                      ("nested.x", "x", "{:.1f}")])
+  last = text.strip().splitlines()[-1]
+  assert "0.00 ± 0.50" in last and "72.4" in last and "1.5" in last

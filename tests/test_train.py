@@ -217,3 +217,43 @@ def test_two_process_run_matches_single_process(tmp_path, small_thermal):
   import re
   progress = re.compile(r"step \d+/\d+ \(")
   assert progress.search(outs[0]) and not progress.search(outs[1])
+
+
+def _fake_expression(n=48, seed=0):
+  """FER-like splits: 48x48 faces whose class sets a bright quadrant."""
+  rs = np.random.RandomState(seed)
+
+  def split(m, offset):
+    y = (np.arange(m) + offset) % 7
+    img = rs.uniform(0, 0.2, size=(m, 48, 48, 1)).astype(np.float32)
+    for i, c in enumerate(y):
+      img[i, (c % 2) * 24:(c % 2) * 24 + 24, (c // 4) * 24:(c // 4) * 24 + 24] += 0.8
+    lms = np.tile(rs.uniform(10, 38, size=(1, 68, 2)), (m, 1, 1)).astype(np.float32)
+    has = np.arange(m) % 3 != 0   # a third without landmarks (v_n = 0)
+    return {"image": img, "landmarks": lms, "emotion": y.astype(np.int32),
+            "has_landmarks": has, "id": np.array([f"x{offset}_{i}" for i in range(m)])}
+  return protocol.Dataset("fer2013", "expression", input_pipeline.EXPRESSION_EMOTIONS,
+                          {"train": split(n, 0), "public_test": split(16, 1),
+                           "private_test": split(16, 2)})
+
+
+def test_expression_loop_selects_on_public_test_and_reports_private(tmp_path, monkeypatch):
+  monkeypatch.setattr(protocol, "load", lambda cfg: _fake_expression())
+  cfg = config_lib.validate(config_lib.Config(
+      dataset="fer2013", model="devries", optimizer="sgd", learning_rate=0.01,
+      emotion_loss="xent", fc_width=32, splits=(0,), batch_size=16,
+      eval_batch_size=8, stage1_epochs=0, stage2_epochs=2, eval_every_epochs=1,
+      augment=True, ten_crop=True, eval_split="private_test", log_every_steps=1,
+      checkpoint_every_steps=100, workdir=str(tmp_path / "run")))
+  results = train.train_and_evaluate(cfg)
+  split = results["per_split"][0]
+  assert split["test_set"] == "private_test"
+  assert split["selected_by"] == "public_test"
+  assert split["best_selection"]["step"] in (3, 6)        # an epoch end
+  assert split["nme_inter_pupil"] is None                 # no landmark points
+  assert 0.0 <= results["emotion_accuracy"] <= 100.0
+  assert split["num_test_images"] == 16
+  lines = (pathlib.Path(cfg.workdir) / "split_0" / "metrics.jsonl").read_text()
+  assert "stage2/loss/maps" in lines and "stage2/loss/emotion" in lines
+  best = pathlib.Path(cfg.workdir) / "split_0" / "stage2" / "best"
+  assert any(p.name.isdigit() for p in best.iterdir())

@@ -173,7 +173,13 @@ def aggregate_splits(per_split: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _lookup(row: Mapping[str, Any], key: str) -> Any:
-  """``a.b`` looks into nested dicts; missing -> None."""
+  """``a.b`` looks into nested dicts; missing -> None.
+
+  A key present literally wins, so names with a dot (``failure_rate_0.10``)
+  are found as they are.
+  """
+  if key in row:
+    return row[key]
   value: Any = row
   for part in key.split("."):
     if not isinstance(value, Mapping) or part not in value:
