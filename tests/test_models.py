@@ -372,3 +372,69 @@ def test_bfloat16_compute(unet):
     assert all(v.dtype == jnp.float32
                for v in jax.tree_util.tree_leaves(params))
     assert all(dtype == jnp.float32 for _, dtype in shapes.values())
+
+
+# --------------------------------------------------------------------------
+# The performance layers are drop-ins: same parameters, same numbers.
+# --------------------------------------------------------------------------
+def _reference_pool(x):
+  return flax.linen.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 8, 8, 4), (2, 21, 21, 5)])
+def test_max_pool_matches_flax_values_and_gradient_exactly(shape):
+  """Including ties (first maximum wins, as select-and-scatter) and odd sizes."""
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=shape), 1).astype(np.float32)  # many ties
+  x[0, :4, :4, 0] = 1.0
+  x[1, :, :, 1] = 0.0                                         # all tied
+  x = jnp.asarray(x)
+  y_ref, vjp_ref = jax.vjp(_reference_pool, x)
+  g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+  y, vjp = jax.vjp(layers.max_pool_2x2, x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+  jitted = jax.jit(lambda x, g: jax.vjp(layers.max_pool_2x2, x)[1](g)[0])
+  np.testing.assert_array_equal(jitted(x, g), vjp_ref(g)[0])
+
+
+def test_upconv_matches_flax_conv_transpose():
+  """Same init (same rng path and shapes) and the same outputs and gradients."""
+  x = _images(2, 6, c=8)
+  kw = dict(kernel_init=layers.he_truncated_normal, name="up")
+  ref = flax.linen.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID",
+                                 **kw)
+  new = layers.UpConv2x2(4, **kw)
+  v_ref = ref.init(jax.random.key(3), x)
+  v_new = new.init(jax.random.key(3), x)
+  jax.tree.map(np.testing.assert_array_equal, v_ref, v_new)
+  rng = np.random.default_rng(1)
+  v = jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.normal(size=a.shape),
+                                             a.dtype), v_ref)
+  np.testing.assert_allclose(new.apply(v, x), ref.apply(v, x),
+                             rtol=1e-5, atol=1e-6)
+  loss = lambda m: lambda v, x: jnp.sum(m.apply(v, x) ** 2)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
+  g_new = jax.grad(loss(new), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("shape,k", [((3, 42, 42, 1), 5), ((2, 16, 16, 1), 3),
+                                     ((2, 21, 21, 1), 4), ((2, 8, 8, 3), 3)])
+def test_conv_matches_lax_conv(shape, k):
+  """The one-channel CPU path (and the pass-through) equal lax's convolution."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, shape[-1], 6)), jnp.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=dn)
+  new = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=dn)
+  y_ref, vjp_ref = jax.vjp(ref, x, w)
+  y, vjp = jax.vjp(jax.jit(new), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())

@@ -103,7 +103,7 @@ def _template(cfg):
   from tml import models, train_step as ts
   data = _fake_thermal()
   model = train.build_model(cfg, data)
-  params = model.init(jax.random.key(0), jnp.zeros((1, N, N, 1)))["params"]
+  params = models.init_params(model, (1, N, N, 1), seed=0)
   tx = ts.make_optimizer("adam", 1e-3)
   return ts.init_state(params, tx, jax.random.key(0), cfg.early_stopping_k)
 

@@ -302,10 +302,8 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
       log.info("%s: already done (%s)", split.name, done_file)
       continue
     split = _prepare_arrays(cfg, data, split)
-    sample = jnp.zeros((1, task.input_size, task.input_size, 1), jnp.float32)
-    init_key = jax.random.fold_in(jax.random.key(cfg.seed), split.index)
-    params = model.init({"params": init_key, "dropout": init_key}, sample,
-                        train=False)["params"]
+    params = models.init_params(model, (1, task.input_size, task.input_size, 1),
+                                cfg.seed, split.index)
     select_fn = _make_select_fn(cfg, model, task, split, data, mesh, eval_step) \
         if split.select is not None else None
     meta: dict[str, Any] = {}

@@ -58,6 +58,25 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
   return cls(**kwargs)
 
 
+def init_params(model: nn.Module, input_shape: tuple[int, ...], seed: int,
+                index: int = 0) -> Any:
+  """Initial parameters of ``model`` for inputs of ``input_shape`` (B, H, W, C).
+
+  Jitted, from an ``rbg`` key ``fold_in(key(seed), index)``: initialising
+  with threefry keys compiles one threefry kernel per parameter shape, which
+  takes tens of seconds on CPU even for a tiny U-Net; rbg takes a few. The
+  values are deterministic for a seed on a given backend (rbg streams may
+  differ between CPU, GPU and TPU).
+  """
+  key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), index)
+  sample = jax.numpy.zeros((1,) + tuple(input_shape[1:]), jax.numpy.float32)
+
+  @jax.jit
+  def init(k):
+    return model.init({"params": k, "dropout": k}, sample, train=False)["params"]
+  return init(key)
+
+
 def param_count(params: Any) -> int:
   """Total number of scalars in a parameter pytree."""
   leaves = jax.tree_util.tree_leaves(params)
@@ -65,4 +84,4 @@ def param_count(params: Any) -> int:
 
 
 __all__ = ["MODELS", "BasicCNN", "ChuUNet", "DeVriesNet", "build_model",
-           "model_names", "param_count"]
+           "init_params", "model_names", "param_count"]
