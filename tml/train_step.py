@@ -138,6 +138,27 @@ def init_state(params, tx: optax.GradientTransformation, rng: jax.Array,
   )
 
 
+def _tree_norm(tree) -> jax.Array:
+  """Global L2 norm of a pytree: ``optax.tree.norm`` up to float rounding.
+
+  XLA:CPU lowers a large sum to a scalar tree of reduce-windows that reads
+  ~0.3 GB/s (~50 ms for the 16M-weight DeVries map layer, twice a step on 2
+  cores); there a big leaf's sum of squares is instead the trace of the 8x8
+  Gram matrix of the leaf viewed as ``(n / 8, 8)``, a matrix product that
+  runs at memory speed. Other backends sum the squares directly.
+  """
+  def sum_sq(x):
+    x = x.astype(jnp.float32)
+    if x.size < 2**16 or x.size % 8:
+      return jnp.sum(x * x)
+    gram_trace = lambda y: jnp.trace(lax.dot_general(
+        y, y, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST))
+    return lax.platform_dependent(x.reshape(-1, 8), cpu=gram_trace,
+                                  default=lambda y: jnp.sum(y * y))
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(sum_sq(x) for x in leaves)) if leaves else jnp.float32(0)
+
+
 def _global_mean(values, weights, total_weight):
   """This device's share of the global weighted mean (sums to it over devices)."""
   return jnp.sum(weights * values.astype(jnp.float32)) / jnp.maximum(total_weight, 1e-12)
@@ -238,7 +259,7 @@ def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
     # sum is the gradient of the global-batch loss (tested: 1 vs 4 devices).
     terms = lax.psum(terms_local, parallel.AXIS)
     total = lax.psum(loss_local, parallel.AXIS)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = _tree_norm(grads)
 
     es_state, criterion = state.early_stop, jnp.float32(0.0)
     if use_es:
@@ -272,7 +293,7 @@ def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
     metrics.update({
         "loss/total": total,
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(new_state.params),
+        "param_norm": _tree_norm(new_state.params),
         "learning_rate": jnp.float32(lr(state.step)),
         "nonfinite": (~finite).astype(jnp.float32),
     })

@@ -36,7 +36,9 @@ class BasicCNNFeatures(nn.Module):
     x = images.astype(self.dtype)
     for i, width in enumerate(self.widths):
       x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype,
-                  kernel_init=layers.he_truncated_normal, name=f"conv_{i}")(x)
+                  kernel_init=layers.he_truncated_normal,
+                  conv_general_dilated=layers.conv_general_dilated,
+                  name=f"conv_{i}")(x)
       x = nn.relu(x)
       if i in POOL_AFTER:
         x = layers.max_pool_2x2(x)

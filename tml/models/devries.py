@@ -45,7 +45,9 @@ class DeVriesFeatures(nn.Module):
     x = images.astype(self.dtype)
     for i, (features, k) in enumerate(CONV_SPECS):
       x = nn.Conv(features, (k, k), padding="SAME", dtype=self.dtype,
-                  kernel_init=layers.he_truncated_normal, name=f"conv_{i}")(x)
+                  kernel_init=layers.he_truncated_normal,
+                  conv_general_dilated=layers.conv_general_dilated,
+                  name=f"conv_{i}")(x)
       x = layers.max_pool_2x2(nn.relu(x))
     return x
 

@@ -43,7 +43,8 @@ class UNetBody(nn.Module):
 
   def _conv3x3(self, features: int, name: str) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
-                   kernel_init=layers.he_truncated_normal, name=name)
+                   kernel_init=layers.he_truncated_normal,
+                   conv_general_dilated=layers.conv_general_dilated, name=name)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -60,11 +61,12 @@ class UNetBody(nn.Module):
     x = nn.relu(self._conv3x3(width, "bottleneck_conv2")(x))
     for level in reversed(range(self.depth)):
       width = self.base_width * 2**level
+      # nn.ConvTranspose(width, (2, 2), strides=(2, 2), padding="VALID")
+      # as a matrix product (layers.UpConv2x2: same params, same output).
       # Flax's default transpose_kernel=False: the kernel is applied to the
       # dilated input without the spatial flip of a true conv gradient
       # (torch.nn.ConvTranspose2d). tml.torch_twins flips it on conversion.
-      x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), padding="VALID",
-                           dtype=self.dtype,
+      x = layers.UpConv2x2(width, dtype=self.dtype,
                            kernel_init=layers.he_truncated_normal,
                            name=f"upconv_{level}")(x)
       # No ReLU after the up-conv: Ronneberger's U-Net has none; the two
