@@ -212,7 +212,7 @@ def make_workloads(args, on_gpu: bool) -> list[Workload]:
   if "devries" in models:
     image, crop = (24, 20) if q else (48, 42)
     kw = dict(num_classes=7, map_head=True, map_size=crop,
-              fc_width=64 if q else 3072, dropout_rate=0.5)
+              fc_width=64 if q else 3072, dropout_rate=0.0 if q else 0.5)
     task = ts.TaskSpec(kind="expression", image_size=image, num_classes=7,
                        crop_size=crop, emotion_loss="xent",
                        batch_standardise=True, brow_width=1.0)

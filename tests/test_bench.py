@@ -95,9 +95,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path, monkeypatch):
   assert g["jax_speedup_vs_torch_eager"] > 0
   assert g["pipeline_vs_step_consumption"] > 0
   assert "augment_overhead_in_step" in g
-  # Same initial weights, same batch: the first losses agree up to dropout.
+  # Same initial weights, same batch, no dropout in --quick: the first losses
+  # of the two frameworks' steps agree.
   assert run["torch_eager"]["first_loss"] == pytest.approx(
-      run["jax"]["first_loss"], rel=0.2)
+      run["jax"]["first_loss"], rel=1e-3)
   text = md.read_text()
   assert "<!-- bench:cpu-quick:start -->" in text
   assert "python -m experiments.bench --quick --models=devries" in text

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
+
 from tml import models
 from tml.models import BasicCNN, ChuUNet, DeVriesNet
 from tml.models import layers
@@ -34,23 +36,8 @@ def _shapes(model, shape):
 
 
 def _init(model, images, seed=0):
-  """Variables of ``model`` for ``images``, filled from NumPy.
-
-  ``model.init`` traced abstractly (structure and shapes are the real ones)
-  and filled with fan-in scaled normal kernels and NON-zero biases. Running
-  the real initialisers compiles one threefry kernel per layer, which takes
-  seconds each on CPU under jax_threefry_partitionable (the default); they
-  are tested directly in test_truncated_normal_initialisers.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    if path[-1].key == "bias":
-      return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
-    std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    return jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, _shapes(model, images.shape))
+  """Variables of ``model`` for ``images``, filled from NumPy (tests.helpers)."""
+  return helpers.numpy_variables(model, images.shape, seed)
 
 
 def _out_shapes(model, images, **kwargs):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
+
 torch = pytest.importorskip(
     "torch", reason="PyTorch is the optional 'torch' extra (pip install "
     "tml[torch]); parity tests need it")
@@ -51,22 +53,9 @@ CASES = {
 
 
 def _random_params(model, image_shape, seed):
-  """Real parameter structure (abstract init), NumPy-filled, biases nonzero.
+  """Real parameter structure, NumPy-filled, biases nonzero (tests.helpers)."""
+  return helpers.numpy_variables(model, image_shape, seed)["params"]
 
-  Nonzero biases make a bias-mapping bug visible; NumPy avoids compiling
-  jax's threefry initialisers, which is slow on CPU.
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct(image_shape, jnp.float32))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    if path[-1].key == "bias":
-      return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
-    std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    return jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)["params"]
 
 
 def _batch(name, kwargs, b, seed):
