@@ -183,10 +183,7 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
       split.train, split.train_idx, global_batch_size=cfg.batch_size,
       seed=cfg.seed * 7919 + split.index, shuffle=True, drop_remainder=True,
       process_index=jax.process_index(), process_count=jax.process_count())
-  steps_per_epoch = it.steps_per_epoch
-  if steps_per_epoch == 0:
-    raise ValueError(f"--batch_size={cfg.batch_size}: larger than the "
-                     f"{len(split.train_idx)} training examples of {split.name}")
+  steps_per_epoch = it.steps_per_epoch   # the iterator rejects 0 itself
   total = stage.epochs * steps_per_epoch
   if cfg.max_steps_per_stage:
     total = min(total, cfg.max_steps_per_stage)
