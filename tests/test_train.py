@@ -104,7 +104,8 @@ def _template(cfg):
   data = _fake_thermal()
   model = train.build_model(cfg, data)
   params = models.init_params(model, (1, N, N, 1), seed=0)
-  tx = ts.make_optimizer("adam", 1e-3)
+  # The loop always hands the optimiser a schedule (its state has a count).
+  tx = ts.make_optimizer("adam", ts.make_schedule(1e-3))
   return ts.init_state(params, tx, jax.random.key(0), cfg.early_stopping_k)
 
 
@@ -259,11 +260,16 @@ def test_expression_loop_selects_on_public_test_and_reports_private(tmp_path, mo
       dataset="fer2013", model="devries", optimizer="sgd", learning_rate=0.01,
       emotion_loss="xent", fc_width=32, splits=(0,), batch_size=16,
       eval_batch_size=8, stage1_epochs=0, stage2_epochs=2, eval_every_epochs=1,
-      augment=True, ten_crop=True, eval_split="private_test", log_every_steps=1,
+      augment=True, ten_crop=True, log_every_steps=1,
       checkpoint_every_steps=100, workdir=str(tmp_path / "run")))
   results = train.train_and_evaluate(cfg)
   split = results["per_split"][0]
   assert split["test_set"] == "private_test"
+  # The selected parameters on PrivateTest, and the last ones (which never
+  # saw PublicTest) on it too; never the selected ones on PublicTest.
+  assert set(split["evaluations"]) == {"selected/private_test", "last/private_test"}
+  assert (split["evaluations"]["selected/private_test"]["emotion_accuracy"]
+          == split["emotion_accuracy"])
   assert split["selected_by"] == "public_test"
   assert split["best_selection"]["step"] in (3, 6)        # an epoch end
   assert split["nme_inter_pupil"] is None                 # no landmark points
@@ -274,3 +280,31 @@ def test_expression_loop_selects_on_public_test_and_reports_private(tmp_path, mo
   assert "stage2/loss/maps" in lines and "stage2/loss/emotion" in lines
   best = pathlib.Path(cfg.workdir) / "init_0" / "stage2" / "best"
   assert any(p.name.isdigit() for p in best.iterdir())
+
+
+def test_expression_holdout_selection_reports_the_paper_test_set(tmp_path, monkeypatch):
+  monkeypatch.setattr(protocol, "load", lambda cfg: _fake_expression())
+  cfg = config_lib.validate(config_lib.Config(
+      dataset="fer2013", model="devries", optimizer="sgd", learning_rate=0.01,
+      lr_schedule="cosine", warmup_epochs=0.5,
+      emotion_loss="xent", fc_width=32, splits=(0,), batch_size=16, map_head=False,
+      eval_batch_size=8, stage1_epochs=0, stage2_epochs=2, eval_every_epochs=1,
+      selection="holdout", holdout_fraction=0.25, log_every_steps=1,
+      checkpoint_every_steps=100, workdir=str(tmp_path / "run")))
+  results = train.train_and_evaluate(cfg)
+  split = results["per_split"][0]
+  assert split["selected_by"] == "holdout"
+  ev = split["evaluations"]
+  assert set(ev) == {f"{w}/{t}" for w in ("selected", "last")
+                     for t in ("private_test", "public_private")}
+  assert ev["selected/public_private"]["num_test_images"] == 32   # 16 + 16
+  assert ev["selected/private_test"]["num_test_images"] == 16
+  # 48 training images, a quarter per class held out -> 36 train, 2 steps/epoch
+  lines = [json.loads(l) for l in (pathlib.Path(cfg.workdir) / "init_0" /
+                                   "metrics.jsonl").read_text().splitlines()]
+  steps = sorted({l["step"] for l in lines if "stage2/loss/total" in l})
+  assert steps[-1] == 4
+  lrs = [l["stage2/learning_rate"] for l in lines if "stage2/learning_rate" in l]
+  assert all(np.isfinite(lrs)) and lrs[0] == pytest.approx(0.01)   # warm-up 1 step
+  assert lrs[-1] < lrs[0]                                          # cosine decays
+  assert any("stage2/select/accuracy" in l for l in lines)

@@ -30,7 +30,24 @@ class Config:
   landmarks_file: str = ""           # fer2013/tfd config dlib68: label68 output
   image_size: int = 128              # N: network input (thermal crops resized)
   splits: tuple[int, ...] = (0, 1, 2, 3, 4)   # Chu protocol repeats / TFD folds
-  eval_split: str = "test"           # fer2013: public_test or private_test
+  # Which parameters are reported, and on what. ``selection``: "auto" (FER2013
+  # -> public_test, TFD -> valid, thermal -> last), "last" (the final
+  # parameters of a fixed schedule), "public_test" (FER2013), "valid" (TFD), or
+  # "holdout" (a stratified ``holdout_fraction`` of the training set, removed
+  # from training). ``test_sets``: comma-separated reported sets, "auto" or
+  # any of private_test, public_test, public_private (the 7,178 images of
+  # both, the paper's "7177 image test set"), test (thermal, TFD). A reported
+  # set may not overlap the selection set. With a selection set the final
+  # parameters are evaluated too (results ``evaluations``, ``last/<set>``):
+  # they never depend on it, so ``last/public_private`` is the fixed-schedule
+  # result on the paper's test set.
+  selection: str = "auto"
+  holdout_fraction: float = 0.1
+  holdout_seed: int = 0              # fixed, so every run holds out the same images
+  test_sets: str = "auto"
+  # Thermal: "per_image" (the paper: per emotion 1/8 of the frames test) or
+  # "subject" (1/8 of the subjects test, none of their frames train).
+  thermal_split: str = "per_image"
   # --- model ----------------------------------------------------------------
   model: str = "chu_unet"
   unet_depth: int = 4
@@ -50,12 +67,24 @@ class Config:
   map_weight: float = 1.0            # DeVries lambda
   brow_width: float = 1.0
   # --- early stopping of the emotion task (Chu Eq. 4) -----------------------
+  # E(i) is the mean training emotion loss of epoch i ("epoch", k in epochs)
+  # or of step i ("step", k in steps; noise-dominated, kept as an option).
   early_stopping_k: int = 0          # 0 = off
   early_stopping_epsilon: float = 0.0
+  early_stopping_unit: str = "epoch"
   # --- optimisation ---------------------------------------------------------
   optimizer: str = "adam"            # "adam" (Chu) or "sgd" (DeVries, momentum)
-  learning_rate: float = 1e-4
+  learning_rate: float = 1e-4        # peak rate of the schedule
+  # Schedule over each stage: linear warm-up from 0 over ``warmup_epochs``,
+  # then "constant", "cosine" (to ``lr_final_fraction`` x peak at the end of
+  # the stage) or "step" (x ``lr_step_factor`` every ``lr_step_epochs``).
+  lr_schedule: str = "constant"
+  warmup_epochs: float = 0.0
+  lr_final_fraction: float = 0.0
+  lr_step_epochs: int = 0
+  lr_step_factor: float = 0.1
   momentum: float = 0.9
+  nesterov: bool = False
   weight_decay: float = 0.0
   batch_size: int = 32               # global, over all devices and hosts
   eval_batch_size: int = 64
@@ -69,6 +98,7 @@ class Config:
   max_rotate_deg: float = 45.0
   max_zoom: float = 1.2
   flip: bool = True
+  integer_shift: bool = True         # whole-pixel shifts (the 48 -> 42 random crop)
   ten_crop: bool = False
   # --- run ------------------------------------------------------------------
   seed: int = 0
@@ -104,7 +134,12 @@ _CHOICES = {
     "emotion_loss": ("mse", "xent"),
     "optimizer": ("adam", "sgd"),
     "compute_dtype": ("float32", "bfloat16"),
+    "early_stopping_unit": ("epoch", "step"),
+    "lr_schedule": ("constant", "cosine", "step"),
+    "selection": ("auto", "last", "public_test", "valid", "holdout"),
+    "thermal_split": ("per_image", "subject"),
 }
+TEST_SETS = ("test", "private_test", "public_test", "public_private", "holdout")
 
 
 def validate(cfg: Config, *, known_models=(), known_datasets=()) -> Config:
@@ -148,6 +183,21 @@ def validate(cfg: Config, *, known_models=(), known_datasets=()) -> Config:
   for flag in ("landmark_weight", "emotion_weight", "unet_weight", "map_weight"):
     if getattr(cfg, flag) < 0:
       bad(flag, "expected a non-negative weight")
-  if cfg.eval_split not in ("test", "public_test", "private_test", "valid"):
-    bad("eval_split", "expected test, valid, public_test or private_test")
+  if cfg.test_sets != "auto":
+    names = [t.strip() for t in cfg.test_sets.split(",")]
+    unknown = [t for t in names if t not in TEST_SETS]
+    if unknown or not names:
+      bad("test_sets", f"expected 'auto' or a comma list of {', '.join(TEST_SETS)}")
+    if cfg.selection == "public_test" and (
+        "public_test" in names or "public_private" in names):
+      bad("test_sets", "overlaps the selection set (--selection=public_test); "
+          "report private_test, or select with --selection=holdout or last")
+  if not 0 < cfg.holdout_fraction < 1:
+    bad("holdout_fraction", "expected 0 < fraction < 1")
+  if cfg.warmup_epochs < 0:
+    bad("warmup_epochs", "expected a non-negative number of epochs")
+  if not 0 <= cfg.lr_final_fraction <= 1:
+    bad("lr_final_fraction", "expected a fraction in [0, 1]")
+  if cfg.lr_schedule == "step" and cfg.lr_step_epochs <= 0:
+    bad("lr_step_epochs", "--lr_schedule=step needs a positive step interval")
   return cfg

@@ -3,13 +3,20 @@
 - thermal datasets (Chu & Liu): frontal faces only; per emotion a random 7/8
   trains and 1/8 tests; split r in ``--splits`` is the r-th seeded repeat. No
   selection set (the paper trains for a fixed number of epochs).
-- fer2013 (DeVries): trains on Training, selects on PublicTest, reports
-  PrivateTest once; split r is the r-th random initialisation.
+- fer2013 (DeVries): trains on Training; split r is the r-th random
+  initialisation. ``--selection`` picks the reported parameters: on
+  PublicTest (the standard protocol, PrivateTest reported once), on a
+  stratified held-out slice of Training (``holdout``, removed from training),
+  or the last parameters of a fixed schedule (``last``). ``--test_sets``
+  names the reported sets: private_test, public_test, or public_private (the
+  7,178 images of both: the paper's "7177 image test set"); none may overlap
+  the selection set.
 - tfd: split r is official fold r: train / valid (selection) / test.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator
 
 import jax
@@ -33,6 +40,12 @@ class SplitData:
   select_idx: np.ndarray | None = None
   test_name: str = "test"
   select_name: str = ""
+  # Further reported sets beyond ``test``: name -> (arrays, indices).
+  extra_tests: dict = dataclasses.field(default_factory=dict)
+
+  def test_sets(self) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Every reported set, the primary one first."""
+    return {self.test_name: (self.test, self.test_idx), **self.extra_tests}
 
 
 @dataclasses.dataclass
@@ -76,27 +89,148 @@ def splits(cfg: Config, data: Dataset) -> Iterator[SplitData]:
   """Yields the protocol's splits in ``cfg.splits`` order."""
   for r in cfg.splits:
     if data.kind == "thermal":
-      a = data.arrays["train"]
-      train_idx, test_idx = input_pipeline.chu_protocol_split(
-          a["emotion"], a["frontal"], repeat=r, seed=cfg.seed,
-          keys=a.get("file_name"))
-      yield SplitData(f"split_{r}", r, a, train_idx, a, test_idx)
+      yield _thermal_split(cfg, data, r)
     elif data.name.startswith("fer2013"):
-      tr, pub, priv = (data.arrays[s] for s in ("train", "public_test", "private_test"))
-      test, test_name = (pub, "public_test") if cfg.eval_split == "public_test" else (
-          priv, "private_test")
-      yield SplitData(f"init_{r}", r, tr, _all(tr), test, _all(test),
-                      select=pub, select_idx=_all(pub), test_name=test_name,
-                      select_name="public_test")
+      yield _fer2013_split(cfg, data, r)
     elif data.name.startswith("tfd"):
       a = data.arrays["labelled"]
       if not 0 <= r < a["folds"].shape[1]:
         raise ValueError(f"--splits: TFD has folds 0..{a['folds'].shape[1] - 1}, got {r}")
       f = input_pipeline.tfd_fold(a["folds"], r)
-      yield SplitData(f"fold_{r}", r, a, f["train"], a, f["test"], select=a,
-                      select_idx=f["valid"], select_name="valid")
+      if selection(cfg, data) == "last":
+        yield SplitData(f"fold_{r}", r, a, f["train"], a, f["test"])
+      else:
+        yield SplitData(f"fold_{r}", r, a, f["train"], a, f["test"], select=a,
+                        select_idx=f["valid"], select_name="valid")
     else:
       raise ValueError(f"--dataset={data.name!r}: no protocol for it")
+
+
+def selection(cfg: Config, data: Dataset) -> str:
+  """``cfg.selection`` with "auto" resolved for the dataset; checked."""
+  fer, tfd = data.name.startswith("fer2013"), data.name.startswith("tfd")
+  sel = cfg.selection
+  if sel == "auto":
+    sel = "public_test" if fer else "valid" if tfd else "last"
+  allowed = (("last", "public_test", "holdout") if fer else ("last", "valid")
+             if tfd else ("last",))
+  if sel not in allowed:
+    raise ValueError(f"--selection={cfg.selection!r}: {data.name} allows "
+                     f"{', '.join(allowed)}")
+  return sel
+
+
+def test_set_names(cfg: Config, data: Dataset) -> list[str]:
+  """``cfg.test_sets`` with "auto" resolved; checked against the selection."""
+  fer = data.name.startswith("fer2013")
+  sel = selection(cfg, data)
+  if cfg.test_sets == "auto":
+    if not fer:
+      return ["test"]
+    return ["private_test"] if sel == "public_test" else ["private_test",
+                                                          "public_private"]
+  names = [t.strip() for t in cfg.test_sets.split(",") if t.strip()]
+  allowed = (("private_test", "public_test", "public_private") if fer else
+             ("test", "holdout") if data.kind == "thermal" else ("test",))
+  for t in names:
+    if t not in allowed:
+      raise ValueError(f"--test_sets: {t!r} is not a test set of {data.name}; "
+                       f"expected {', '.join(allowed)}")
+    if sel == "public_test" and t in ("public_test", "public_private"):
+      raise ValueError(f"--test_sets={cfg.test_sets}: {t} overlaps the "
+                       f"selection set public_test")
+  return names
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-class random ``fraction`` held out: ``(train_idx, holdout_idx)``, sorted."""
+  rng = np.random.default_rng(seed)
+  hold = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    n = int(round(fraction * len(idx)))
+    hold.append(rng.permutation(idx)[:n])
+  hold = np.sort(np.concatenate(hold)) if hold else np.zeros((0,), np.int64)
+  train = np.setdiff1d(np.arange(len(labels)), hold)
+  return train, hold
+
+
+def subject_split(subjects: np.ndarray, frontal: np.ndarray, emotions: np.ndarray,
+                  repeat: int, seed: int, test_fraction: float = 1 / 8
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Subject-disjoint variant of the Chu protocol: ``ceil(S * test_fraction)``
+  of the S subjects (seeded per repeat) give all their frontal labelled frames
+  to the test set, the others train. ``(train_idx, test_idx)``, sorted."""
+  ok = np.asarray(frontal, bool) & (np.asarray(emotions) >= 0)
+  subs = np.unique(np.asarray(subjects)[ok])
+  n_test = max(1, math.ceil(len(subs) * test_fraction - 1e-9))
+  test_subs = np.random.default_rng([seed, repeat, 7919]).permutation(subs)[:n_test]
+  is_test = np.isin(subjects, test_subs)
+  return np.flatnonzero(ok & ~is_test), np.flatnonzero(ok & is_test)
+
+
+def _thermal_split(cfg: Config, data: Dataset, r: int) -> SplitData:
+  """The Chu protocol split r; ``--test_sets=holdout`` reports instead on a
+  validation slice of its training images (per emotion 1/8, or 1/8 of the
+  training subjects for ``--thermal_split=subject``), trained without them:
+  for choosing settings (emotion weight, epsilon) without the test split."""
+  a = data.arrays["train"]
+  if cfg.thermal_split == "subject":
+    if "subject" not in a:
+      raise ValueError(f"--thermal_split=subject: {data.name} has no subject field")
+    train_idx, test_idx = subject_split(a["subject"], a["frontal"], a["emotion"],
+                                        repeat=r, seed=cfg.seed)
+  else:
+    train_idx, test_idx = input_pipeline.chu_protocol_split(
+        a["emotion"], a["frontal"], repeat=r, seed=cfg.seed, keys=a.get("file_name"))
+  names = test_set_names(cfg, data)
+  if len(names) != 1:
+    raise ValueError(f"--test_sets={cfg.test_sets}: thermal runs report one set, "
+                     f"test or holdout")
+  if names == ["holdout"]:
+    if cfg.thermal_split == "subject":
+      sub = a["subject"][train_idx]
+      tr, ho = subject_split(sub, np.ones(len(sub), bool), a["emotion"][train_idx],
+                             repeat=r, seed=cfg.holdout_seed + 1)
+    else:
+      # The same per-emotion rule on the training part only.
+      frontal = np.zeros(len(a["emotion"]), bool)
+      frontal[train_idx] = True
+      tr, ho = input_pipeline.chu_protocol_split(
+          a["emotion"], frontal, repeat=r, seed=cfg.holdout_seed + 1,
+          keys=a.get("file_name"))
+      tr, ho = np.searchsorted(train_idx, tr), np.searchsorted(train_idx, ho)
+    train_idx, test_idx = train_idx[tr], train_idx[ho]
+    return SplitData(f"split_{r}", r, a, train_idx, a, test_idx, test_name="holdout")
+  return SplitData(f"split_{r}", r, a, train_idx, a, test_idx)
+
+
+def _concat(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.concatenate([a[k], b[k]]) for k in a if k in b}
+
+
+def _fer2013_split(cfg: Config, data: Dataset, r: int) -> SplitData:
+  tr, pub, priv = (data.arrays[s] for s in ("train", "public_test", "private_test"))
+  sel = selection(cfg, data)
+  sets = {"private_test": priv, "public_test": pub}
+  names = test_set_names(cfg, data)
+  if "public_private" in names:
+    sets["public_private"] = _concat(pub, priv)
+  tests = {n: (sets[n], _all(sets[n])) for n in names}
+  first = names[0]
+  train_idx = _all(tr)
+  select, select_idx, select_name = None, None, ""
+  if sel == "public_test":
+    select, select_idx, select_name = pub, _all(pub), "public_test"
+  elif sel == "holdout":
+    train_idx, select_idx = stratified_holdout(tr["emotion"], cfg.holdout_fraction,
+                                               cfg.holdout_seed)
+    select, select_name = tr, "holdout"
+  return SplitData(f"init_{r}", r, tr, train_idx, tests[first][0], tests[first][1],
+                   select=select, select_idx=select_idx, test_name=first,
+                   select_name=select_name,
+                   extra_tests={n: v for n, v in tests.items() if n != first})
 
 
 def _all(arrays: dict[str, np.ndarray]) -> np.ndarray:

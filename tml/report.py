@@ -286,7 +286,10 @@ def plot_loss_curves(metrics_jsonl_path: str | os.PathLike[str],
     dpi: dots per inch.
 
   Non-finite values (the "nan"/"inf" strings) are left as gaps; a panel gets a
-  log y axis when all its finite values are positive.
+  log y axis when all its finite values are positive. Where Eq. 4 stopped the
+  emotion task (the first logged step at which a ``.../early_stop/stopped``
+  series is 1; exact to the log interval) every panel whose steps span it
+  (not the stage-1 ones) gets a dashed vertical line.
   """
   series: dict[str, tuple[list[int], list[float]]] = {}
   with open(metrics_jsonl_path, encoding="utf-8") as f:
@@ -310,6 +313,12 @@ def plot_loss_curves(metrics_jsonl_path: str | os.PathLike[str],
   keys = [k for k in keys if k in series]
   if not keys:
     raise ValueError(f"no plottable series in {metrics_jsonl_path}")
+  stopped_at = None
+  for key, (xs, ys) in series.items():
+    if key.endswith("early_stop/stopped"):
+      hits = [x for x, y in zip(xs, ys) if y >= 0.5 and x is not None]
+      if hits and (stopped_at is None or min(hits) < stopped_at):
+        stopped_at = min(hits)
   nrows, ncols = _grid(len(keys), ncols)
   fig = Figure(figsize=(4 * ncols, 3 * nrows), layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -317,6 +326,10 @@ def plot_loss_curves(metrics_jsonl_path: str | os.PathLike[str],
     steps, values = (np.asarray(v, np.float64) for v in series[key])
     order = np.argsort(steps, kind="stable")
     steps, values = steps[order], values[order]
+    if stopped_at is not None and steps.min() <= stopped_at <= steps.max():
+      ax.axvline(stopped_at, color="tab:red", ls="--", lw=1,
+                 label=f"emotion stopped (step {stopped_at})")
+      ax.legend(fontsize=7, loc="upper right")
     finite = np.isfinite(values)
     ax.plot(steps, np.where(finite, values, np.nan), lw=1)
     if finite.any() and (values[finite] > 0).all():

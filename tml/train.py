@@ -30,6 +30,7 @@ from tml import parallel
 from tml import preprocess
 from tml import protocol
 from tml import report
+from tml import ridge
 from tml import train_step as step_lib
 from tml import writers
 from tml.config import Config
@@ -74,6 +75,7 @@ def build_task(cfg: Config, data: protocol.Dataset) -> step_lib.TaskSpec:
       num_classes=data.num_classes, crop_size=cfg.crop_size if expression else 0,
       augment=cfg.augment, max_shift=cfg.max_shift,
       max_rotate_deg=cfg.max_rotate_deg, max_zoom=cfg.max_zoom, flip=cfg.flip,
+      integer_shift=cfg.integer_shift and expression,
       ten_crop=cfg.ten_crop and expression, emotion_loss=cfg.emotion_loss,
       brow_width=cfg.brow_width, batch_standardise=expression)
 
@@ -94,8 +96,33 @@ def build_stages(cfg: Config, data: protocol.Dataset) -> list[step_lib.StageSpec
     stages.append(step_lib.StageSpec(
         "stage2", weights, cfg.stage2_epochs,
         early_stopping_k=cfg.early_stopping_k,
-        early_stopping_epsilon=cfg.early_stopping_epsilon))
+        early_stopping_epsilon=cfg.early_stopping_epsilon,
+        early_stopping_unit=cfg.early_stopping_unit))
+    if (cfg.early_stopping_k > 0 and "emotion" in weights
+        and cfg.early_stopping_unit == "epoch"
+        and cfg.early_stopping_k + 1 > cfg.stage2_epochs):
+      log.warning("--early_stopping_k=%d epochs needs %d epochs of stage 2 to fill "
+                  "its window; --stage2_epochs=%d: it can never fire",
+                  cfg.early_stopping_k, cfg.early_stopping_k + 1, cfg.stage2_epochs)
   return stages
+
+
+def _early_stop_summary(stage: step_lib.StageSpec, state) -> dict[str, Any] | None:
+  """When Eq. 4 stopped the emotion task in ``stage`` (from the final state).
+
+  ``step``: stage steps done when it fired (the emotion term is off from the
+  next step on), ``epoch``: the same in epochs of the stage (an integer for
+  the epoch unit: the epoch at whose end it fired); both None if it never
+  fired. None for a stage without early stopping.
+  """
+  if not (stage.early_stopping_k > 0 and stage.weight("emotion") > 0):
+    return None
+  step = int(jax.device_get(state.early_stop.stopped_step))
+  if step < 0:
+    return {"step": None, "epoch": None, "unit": stage.early_stopping_unit}
+  epoch = step / stage.steps_per_epoch
+  return {"step": step, "epoch": int(epoch) if epoch == int(epoch) else epoch,
+          "unit": stage.early_stopping_unit}
 
 
 def _prepare_arrays(cfg: Config, data: protocol.Dataset, split: protocol.SplitData):
@@ -106,10 +133,13 @@ def _prepare_arrays(cfg: Config, data: protocol.Dataset, split: protocol.SplitDa
   train = norm(split.train)
   stats = preprocess.fit_pixel_stats(train["image"][split.train_idx])
   apply = lambda a: dict(a, image=preprocess.apply_pixel_stats(a["image"], stats))
-  out = dataclasses.replace(split, train=apply(train),
-                            test=apply(norm(split.test)))
+  done = {id(split.train): apply(train)}   # a set shared by two roles is prepared once
+  prep = lambda a: done.setdefault(id(a), apply(norm(a))) if id(a) not in done else done[id(a)]
+  out = dataclasses.replace(
+      split, train=done[id(split.train)], test=prep(split.test),
+      extra_tests={n: (prep(a), i) for n, (a, i) in split.extra_tests.items()})
   if split.select is not None:
-    out.select = apply(norm(split.select))
+    out.select = prep(split.select)
   return out
 
 
@@ -165,28 +195,39 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
               step_offset: int = 0, select_fn=None):
   """Trains one stage; returns ``(params, meta, steps)``. Resumes if checkpointed.
 
+  ``meta["early_stop"]``: when Eq. 4 stopped the emotion task in this stage
+  (``_early_stop_summary``), read from the final state.
+
   Logged steps are ``step_offset`` + the stage's step, so the curves of
   consecutive stages follow each other in one metrics file.
   """
   stage_dir = split_dir / stage.name
-  tx = step_lib.make_optimizer(cfg.optimizer, cfg.learning_rate,
-                               momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               trainable=stage.trainable)
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), split.index),
                           zlib.crc32(stage.name.encode()) & 0x7FFFFFFF)
-  state = step_lib.init_state(params, tx, rng, stage.early_stopping_k)
-  state = parallel.replicate(state, mesh)
-  ckpt = checkpoint_lib.Checkpointer(stage_dir / "checkpoints",
-                                     max_to_keep=cfg.keep_checkpoints,
-                                     save_interval_steps=cfg.checkpoint_every_steps)
   it = input_pipeline.BatchIterator(
       split.train, split.train_idx, global_batch_size=cfg.batch_size,
       seed=cfg.seed * 7919 + split.index, shuffle=True, drop_remainder=True,
       process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = it.steps_per_epoch   # the iterator rejects 0 itself
+  stage = dataclasses.replace(stage, steps_per_epoch=steps_per_epoch)   # Eq. 4 epochs
   total = stage.epochs * steps_per_epoch
   if cfg.max_steps_per_stage:
     total = min(total, cfg.max_steps_per_stage)
+  # The schedule spans the stage's full epochs (a step cap for smoke tests
+  # cuts it short rather than compressing it).
+  schedule = step_lib.make_schedule(
+      cfg.learning_rate, kind=cfg.lr_schedule, steps_per_epoch=steps_per_epoch,
+      total_steps=stage.epochs * steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
+      final_fraction=cfg.lr_final_fraction, step_epochs=cfg.lr_step_epochs,
+      step_factor=cfg.lr_step_factor)
+  tx = step_lib.make_optimizer(cfg.optimizer, schedule, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                               trainable=stage.trainable)
+  state = step_lib.init_state(params, tx, rng, stage.early_stopping_k)
+  state = parallel.replicate(state, mesh)
+  ckpt = checkpoint_lib.Checkpointer(stage_dir / "checkpoints",
+                                     max_to_keep=cfg.keep_checkpoints,
+                                     save_interval_steps=cfg.checkpoint_every_steps)
 
   meta: dict[str, Any] = {}
   restored = ckpt.restore_latest(state)
@@ -196,9 +237,11 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
     log.info("%s/%s: resumed at step %d", split.name, stage.name, int(state.step))
   if meta.get("done"):
     ckpt.close()
-    return jax.device_get(state.params), meta, total
+    return (jax.device_get(state.params),
+            dict(meta, early_stop=_early_stop_summary(stage, state)), total)
 
-  step_fn = step_lib.make_train_step(model, tx, task, stage, mesh)
+  step_fn = step_lib.make_train_step(model, tx, task, stage, mesh,
+                                     learning_rate=schedule)
   start = int(state.step)
   is_main = jax.process_index() == 0
   writer = writers.MetricWriter(split_dir, enabled=is_main,
@@ -215,7 +258,8 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
     # before anyone reads the directory again.
     ckpt.wait()
     ckpt.close()
-  return jax.device_get(state.params), meta, total
+  return (jax.device_get(state.params),
+          dict(meta, early_stop=_early_stop_summary(stage, state)), total)
 
 
 def _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt, writer,
@@ -238,7 +282,9 @@ def _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt, writer,
         progress.update(step + 1, stage=stage.name, loss=float(host["loss/total"]))
       if select_fn is not None and epoch_end and _eval_due(cfg, step, steps_per_epoch):
         _guard(state, split, stage)
-        best = select_fn(state.params, step + 1, best, stage_dir)
+        best, acc = select_fn(state.params, step + 1, best, stage_dir)
+        writer.write_scalars(step_offset + step + 1,
+                             {f"{stage.name}/select/accuracy": acc})
       meta = {"iterator": it.get_state(), "stage": stage.name,
               "split": split.name, "best": best, "done": done}
       stop = preempt.should_stop(step + 1)
@@ -309,15 +355,42 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
       params, meta, steps = run_stage(cfg, stage, model, task, params, split, mesh,
                                       split_dir, offset, select_fn)
       offset += steps
+    last_params = params
     if select_fn is not None and meta.get("best"):
       params = _restore_best(split_dir / stages[-1].name, params)
-    preds = predict(eval_step, params, split.test, split.test_idx, cfg, mesh)
     train_lms = (split.train["landmarks"][split.train_idx]
                  if data.kind == "thermal" else None)
-    res = evaluate(preds, split.test, split.test_idx, data, train_lms)
+    # The reported parameters (selected, or the last ones) on every test set;
+    # with a selection set also the last parameters, which never saw it.
+    evaluations, first_preds = {}, None
+    chosen = "selected" if select_fn is not None else "last"
+    for which, p in ((chosen, params),) + (
+        (("last", last_params),) if select_fn is not None else ()):
+      for name, (arrays, idx) in split.test_sets().items():
+        preds_ = predict(eval_step, p, arrays, idx, cfg, mesh)
+        evaluations[f"{which}/{name}"] = evaluate(preds_, arrays, idx, data, train_lms)
+        if first_preds is None:
+          first_preds = preds_
+    preds = first_preds
+    res = dict(evaluations[f"{chosen}/{split.test_name}"])
     res.update(split=split.name, test_set=split.test_name,
                selected_by=split.select_name or None,
                best_selection=meta.get("best"))
+    # Eq. 4 lives in the last stage (stage 2); null where off or never fired.
+    es = meta.get("early_stop") or {}
+    res.update(emotion_stopped_epoch=es.get("epoch"),
+               emotion_stopped_step=es.get("step"))
+    if len(evaluations) > 1:
+      res["evaluations"] = {k: {m: v.get(m) for m in _EVAL_KEYS if v.get(m) is not None}
+                            for k, v in evaluations.items()}
+    ridge_per_image = None
+    if data.kind == "thermal" and "landmarks" in preds:
+      # The linear baseline on the same crops, lambda chosen on the training
+      # images only: a test bed where it comes close cannot rank the models.
+      rb = _ridge_baseline(split)
+      ridge_per_image = rb.pop("ridge_per_image")
+      res.update(ridge_nme_inter_pupil=rb["ridge_nme_inter_pupil"],
+                 ridge_lambda=rb["ridge_lambda"])
     if is_main:
       report.write_results(split_dir, res)
       if "landmarks" in preds:
@@ -327,6 +400,8 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
         if train_lms is not None:
           curves.setdefault("mean shape", metrics_lib.per_image_nme(
               np.broadcast_to(train_lms.mean(0), gt.shape), gt, "inter_pupil"))
+        if ridge_per_image is not None:
+          curves.setdefault("pixel ridge", ridge_per_image / 100.0)
         if grid is None:
           n = min(cfg.num_plot_images, len(split.test_idx))
           grid = (split.test["image"][split.test_idx[:n]],
@@ -341,6 +416,20 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
     report.write_results(workdir, results)
     _write_tables_and_plots(cfg, workdir, results, curves, grid)
   return results
+
+
+def _ridge_baseline(split: protocol.SplitData) -> dict[str, Any]:
+  """``tml.ridge.split_baseline`` on this split's network-input crops."""
+  tr, te = split.train, split.test
+  images = np.concatenate([tr["image"][split.train_idx], te["image"][split.test_idx]])
+  lms = np.concatenate([tr["landmarks"][split.train_idx], te["landmarks"][split.test_idx]])
+  n = len(split.train_idx)
+  return ridge.split_baseline(images, lms, np.arange(n), np.arange(n, len(images)),
+                              seed=split.index)
+
+
+_EVAL_KEYS = ("emotion_accuracy", "nme_inter_pupil", "nme_inter_ocular",
+              "failure_rate_0.10", "auc_0.10", "num_test_images")
 
 
 def _make_select_fn(cfg, model, task, split, data, mesh, eval_step):
@@ -358,7 +447,7 @@ def _make_select_fn(cfg, model, task, split, data, mesh, eval_step):
       ckpt.save(step, {"params": params}, {"best": best}, force=True)
       ckpt.wait()
       ckpt.close()
-    return best
+    return best, acc
   return select
 
 

@@ -5,7 +5,9 @@ A step is written per device and mapped over the data axis of the mesh with
 to its global-batch mean (``psum`` of weighted sums over ``psum`` of weights,
 so 1 device and N devices agree), weighted by the stage's weights (0 = off)
 and summed. The Chu Eq. 4 early-stopping state lives in the train state and is
-updated from the global emotion loss, so it stays identical on every device.
+updated from the global emotion loss, so it stays identical on every device;
+by default it sums that loss over the epoch and pushes the epoch's mean into
+its window at the epoch's last step (``StageSpec.steps_per_epoch``).
 
 A step whose loss or gradient is not finite is not applied: the state keeps
 the last good parameters and records the first bad step and which terms were
@@ -68,6 +70,7 @@ class TaskSpec:
   max_rotate_deg: float = 0.0
   max_zoom: float = 1.0
   flip: bool = False
+  integer_shift: bool = False      # whole-pixel translations (random crops)
   ten_crop: bool = False
   emotion_loss: str = "mse"
   brow_width: float = 1.0
@@ -91,20 +94,64 @@ class StageSpec:
   trainable: tuple[str, ...] | None = None
   early_stopping_k: int = 0
   early_stopping_epsilon: float = 0.0
+  # Eq. 4's E(i): "epoch" = mean emotion loss of epoch i (pushed at the last
+  # step of every epoch), "step" = each step's batch loss. The loop sets
+  # steps_per_epoch from its iterator; 1 makes the two units coincide.
+  early_stopping_unit: str = "epoch"
+  steps_per_epoch: int = 1
 
   def weight(self, term: str) -> float:
     return float(self.weights.get(term, 0.0))
 
 
-def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
-                   weight_decay: float = 0.0,
+def make_schedule(peak: float, *, kind: str = "constant", steps_per_epoch: int = 1,
+                  total_steps: int = 1, warmup_epochs: float = 0.0,
+                  final_fraction: float = 0.0, step_epochs: int = 0,
+                  step_factor: float = 0.1) -> Callable[[jax.Array], jax.Array]:
+  """The learning rate of one stage as a function of its step (an optax schedule).
+
+  Linear warm-up to ``peak`` over ``warmup_epochs`` (rounded to whole steps;
+  step s runs at ``peak * (s + 1) / warm``), then ``kind``: "constant"; "cosine" from ``peak`` down to
+  ``final_fraction * peak`` at ``total_steps``; "step": ``peak`` times
+  ``step_factor`` after every ``step_epochs`` epochs (counted from the start
+  of the stage, warm-up included).
+  """
+  warm = int(round(warmup_epochs * steps_per_epoch))
+  rest = max(int(total_steps) - warm, 1)
+  if kind == "constant":
+    main = optax.constant_schedule(peak)
+  elif kind == "cosine":
+    main = optax.cosine_decay_schedule(peak, rest, alpha=final_fraction)
+  elif kind == "step":
+    every = step_epochs * steps_per_epoch
+    if every <= 0:
+      raise ValueError("a step schedule needs step_epochs > 0")
+    boundaries = {b - warm: step_factor for b in range(every, int(total_steps) + every, every)
+                  if b > warm}
+    main = optax.piecewise_constant_schedule(peak, boundaries)
+  else:
+    raise ValueError(f"unknown schedule {kind!r}; expected constant, cosine or step")
+  if warm == 0:
+    return main
+  # Step s < warm runs at peak * (s + 1) / warm: no wasted step at rate 0.
+  ramp = optax.linear_schedule(peak / warm, peak, max(warm - 1, 1))
+  return optax.join_schedules([ramp, main], [warm])
+
+
+def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9,
+                   nesterov: bool = False, weight_decay: float = 0.0,
                    trainable: tuple[str, ...] | None = None
                    ) -> optax.GradientTransformation:
-  """Adam (Chu) or SGD with momentum (DeVries); frozen params get zero updates."""
+  """Adam (Chu) or SGD with momentum (DeVries); frozen params get zero updates.
+
+  ``learning_rate``: a float or a schedule (``make_schedule``). Weight decay
+  is L2 added to the gradient before the optimiser (classic SGD weight decay;
+  for Adam this is not AdamW).
+  """
   if name == "adam":
     base = optax.adam(learning_rate)
   elif name == "sgd":
-    base = optax.sgd(learning_rate, momentum=momentum)
+    base = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
   else:
     raise ValueError(f"unknown optimizer {name!r}; expected adam or sgd")
   if weight_decay:
@@ -172,7 +219,8 @@ def prepare_inputs(task: TaskSpec, rng, batch, *, train: bool, axis_name=None):
     if train and task.augment:
       images, lms = augment_lib.augment(
           rng, images, lms, out_size=out, max_shift=task.max_shift,
-          max_rotate_deg=task.max_rotate_deg, max_zoom=task.max_zoom, flip=task.flip)
+          max_rotate_deg=task.max_rotate_deg, max_zoom=task.max_zoom, flip=task.flip,
+          integer_shift=task.integer_shift)
     else:
       offset = (task.image_size - task.crop_size) / 2
       images = augment_lib.center_crop(images, out)
@@ -207,18 +255,26 @@ def per_example_terms(task: TaskSpec, stage: StageSpec, outputs, images, lms, ba
 
 
 def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
-                    stage: StageSpec, mesh) -> Callable:
+                    stage: StageSpec, mesh, learning_rate=None) -> Callable:
   """Returns ``step(state, batch) -> (state, metrics)``, jitted, state donated.
 
   ``batch``: dict of global arrays sharded on axis 0 (``parallel.global_batch``)
   with ``image`` (B,H,W,C) float32, ``landmarks`` (B,68,2) pixels, ``emotion``
   (B,) int32, ``has_landmarks`` (B,) float32, ``weight`` (B,) float32.
   ``metrics``: flat dict of replicated scalars. Traced exactly once per stage
-  (asserted).
+  (asserted). ``learning_rate``: the float or schedule given to the optimiser,
+  logged as ``learning_rate`` (None: read from ``tx`` where it exposes it).
   """
   use_es = stage.early_stopping_k > 0 and stage.weight("emotion") > 0
   epsilon = jnp.float32(stage.early_stopping_epsilon)
-  lr = _learning_rate_of(tx)
+  if stage.early_stopping_unit not in early_stopping.UNITS:
+    raise ValueError(f"early_stopping_unit {stage.early_stopping_unit!r}: expected "
+                     f"one of {', '.join(early_stopping.UNITS)}")
+  if stage.steps_per_epoch < 1:
+    raise ValueError(f"steps_per_epoch must be >= 1, got {stage.steps_per_epoch}")
+  lr = _learning_rate_of(tx) if learning_rate is None else (
+      learning_rate if callable(learning_rate)
+      else (lambda step, v=jnp.float32(learning_rate): v))
 
   traces = [0]
 
@@ -261,10 +317,18 @@ def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
     total = lax.psum(loss_local, parallel.AXIS)
     grad_norm = _tree_norm(grads)
 
+    # Eq. 4 on the global emotion loss (identical on every device). It
+    # records the number of stage steps done when it fires; the mask above
+    # reads the old flag, so the emotion term goes off from the next step.
     es_state, criterion = state.early_stop, jnp.float32(0.0)
-    if use_es:
+    if use_es and stage.early_stopping_unit == "epoch":
+      epoch_end = (state.step + 1) % stage.steps_per_epoch == 0
+      es_state, criterion, _ = early_stopping.update_epoch(
+          state.early_stop, terms["emotion"], epsilon, epoch_end=epoch_end,
+          step=state.step + 1)
+    elif use_es:
       es_state, criterion, _ = early_stopping.update(
-          state.early_stop, terms["emotion"], epsilon)
+          state.early_stop, terms["emotion"], epsilon, step=state.step + 1)
 
     bad_bits = jnp.int32(0)
     for i, name in enumerate(TERMS):
