@@ -318,6 +318,42 @@ def tables(root: pathlib.Path, profile: str = "paper",
   return "\n".join(out)
 
 
+def plot_figures(root: pathlib.Path) -> list[str]:
+  """Fig. 5 (NME at five landmarks) and Fig. 6 (NME per emotion) as grouped
+  bars, one group per landmark / emotion and one bar per finished landmark
+  row; returns the PNG names written under ``root``."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  done = [(row, _load(root, row)) for row in ROWS]
+  done = [(row, res) for row, res in done
+          if res and isinstance(res.get("fig5_nme_inter_pupil"), dict)]
+  written = []
+  for key, title, png in (
+      ("fig5_nme_inter_pupil", "Fig. 5: NME (inter-pupil, %) at five landmarks", "fig5.png"),
+      ("nme_per_emotion_inter_pupil", "Fig. 6: NME (inter-pupil, %) per emotion", "fig6.png")):
+    if not done:
+      break
+    groups = list(done[0][1][key])
+    width = 0.8 / len(done)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 4))
+    for i, (row, res) in enumerate(done):
+      vals = [res[key].get(g, np.nan) for g in groups]
+      errs = [res.get(f"{key}_std", {}).get(g, 0.0) or 0.0 for g in groups]
+      ax.bar(np.arange(len(groups)) + i * width, vals, width, yerr=errs,
+             label=row.name, capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=20)
+    ax.set(title=title, ylabel="NME (%)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / png, dpi=80)
+    plt.close(fig)
+    written.append(png)
+  return written
+
+
 def main(argv):
   extra = argv[1:]
   root = pathlib.Path(FLAGS.root)
@@ -350,6 +386,8 @@ def main(argv):
   root.mkdir(parents=True, exist_ok=True)
   (root / "tables.md").write_text(text)
   (root / "commands.sh").write_text("\n".join(commands) + "\n")
+  for png in plot_figures(root):
+    print(f"wrote {root / png}")
   print(text)
 
 

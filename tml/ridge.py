@@ -1,4 +1,4 @@
-"""The pixel ridge-regression baseline and the mean shape: how hard is a test bed?
+"""The pixel ridge-regression baseline and the mean shape: how hard is data?
 
 A linear map from the network's input crop to the 68 landmarks. If it comes
 close to a trained CNN, the data set cannot tell the paper's models apart
@@ -190,23 +190,33 @@ def mean_shape(train_landmarks: np.ndarray, n: int) -> np.ndarray:
 
 def split_baseline(images: np.ndarray, landmarks: np.ndarray,
                    train_idx: np.ndarray, test_idx: np.ndarray, *,
-                   seed: int = 0, lambdas: Sequence[float] = DEFAULT_LAMBDAS
-                   ) -> dict:
+                   seed: int = 0, lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+                   feature_side: int = FEATURE_SIDE) -> dict:
   """Mean-shape and ridge NME of one protocol split.
 
   Fits (and chooses lambda) on ``images[train_idx]`` only, then scores the
   test images. Index arrays select rows of `images` / `landmarks`.
 
+  Args:
+    images: ``(N, S, S[, 1])`` the network's input crops, any float scale.
+    landmarks: ``(N, 68, 2)`` (x, y) in those crops; the selected rows must
+      be finite.
+    train_idx, test_idx: disjoint index arrays.
+    seed: of the validation slice inside the training rows.
+    lambdas, feature_side: see `fit`.
+
   Returns:
-    ``dict(ridge_nme_inter_pupil=, mean_shape_nme_inter_pupil=` (percent,
-    mean over test images), ``ridge_lambda=``, ``ridge_per_image=`` and
-    ``mean_shape_per_image=`` ``(len(test_idx),)`` arrays)``.
+    A dict: ``ridge_nme_inter_pupil`` and ``mean_shape_nme_inter_pupil``
+    (percent, mean over the test images), ``ridge_lambda`` (the chosen
+    lambda), ``ridge_per_image`` and ``mean_shape_per_image`` (percent,
+    ``(len(test_idx),)`` arrays).
   """
   train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
   if np.intersect1d(train_idx, test_idx).size:
     raise ValueError("train and test indices overlap")
   lms = np.asarray(landmarks, dtype=np.float64)
-  model = fit(images[train_idx], lms[train_idx], seed=seed, lambdas=lambdas)
+  model = fit(images[train_idx], lms[train_idx], seed=seed, lambdas=lambdas,
+              feature_side=feature_side)
   truth = lms[test_idx]
   ridge = inter_pupil_nme(truth, predict(model, images[test_idx]))
   mean = inter_pupil_nme(truth, mean_shape(lms[train_idx], len(test_idx)))

@@ -78,7 +78,7 @@ def write_database(
     image_format: str = "png8", render_step: float = 4.0,
     emotions: Sequence[str] | None = None, poses: Sequence[int] | None = None,
     glasses: Sequence[bool] | None = None, t_window=(20.0, 40.0),
-    labels_csv: bool = True,
+    labels_csv: bool = True, variation: str = "wide",
 ) -> list[FakeFrame]:
   """Renders and writes frames plus labels.csv; returns what it wrote.
 
@@ -96,6 +96,7 @@ def write_database(
       pose 0, from the subject's traits.
     t_window: degrees C mapped onto the PNG grey range.
     labels_csv: also write labels.csv for exactly these frames.
+    variation: the synthetic builder's `scene.Variation` name.
   """
   os.makedirs(out_dir, exist_ok=True)
   written = []
@@ -106,7 +107,7 @@ def write_database(
     emotion = (emotions[i] if emotions else
                thermal_common.THERMAL_EMOTIONS[rng.choice(8, p=scene.TABLE_I)])
     pose_id = poses[i] if poses else 0
-    traits = scene.subject_traits(seed, subject)
+    traits = scene.subject_traits(seed, subject, variation_name=variation)
     spec = scene.FrameSpec(subject, sequence, frame, emotion, pose_id)
     face, thermal, rng = scene.frame_scene(seed, spec, traits, frame_size)
     if glasses is not None:

@@ -15,6 +15,20 @@ not public.
       manual_dir="/data/kopaczka"))
   source = builder.as_data_source("train")
 
+Crops: by default (``crop_mode="facebox"``) every frame is cropped to the
+face box found in the frame itself (`tml.facebox`, the same path as the
+synthetic builder's), so test crops do not use the test landmarks;
+``crop_mode="landmarks"`` crops to the landmark extent plus `margin` (the
+1.0.0 behaviour). See `data_prep.thermal_common` for both. A frame with no
+face-like warm region is a `ThermalFormatError` with reason 'face_box'
+(skipped and counted under ``skip_bad``); ``info.metadata`` counts the frames
+whose landmarks fall partly outside their face-box crop, the first thing to
+check on real frames.
+
+  # for a user with the database in /data/kopaczka, build and train:
+  python -m experiments.run --flagfile=chu.flags \
+      --dataset=kopaczka_thermal --manual_dir=/data/kopaczka
+
 Bad input stops the build with a `ThermalFormatError` (or the LJSON reader's
 `LandmarkFormatError`) that names the file, the field and what was expected.
 TFDS writes into an ``incomplete.*`` directory and renames it only after the
@@ -72,6 +86,8 @@ class KopaczkaThermalConfig(tfds.core.BuilderConfig):
     skip_bad: skip (and count) any bad frame instead of stopping the build;
       implies skip_missing_points.
     labels_file: name of the labels CSV inside the manual directory.
+    crop_mode: "facebox" (the face box found in each frame) or "landmarks"
+      (the landmark extent plus `margin`); see `thermal_common.CROP_MODES`.
   """
   crop_size: int = thermal_common.DEFAULT_CROP_SIZE
   margin: float = thermal_common.DEFAULT_MARGIN
@@ -80,14 +96,21 @@ class KopaczkaThermalConfig(tfds.core.BuilderConfig):
   skip_missing_points: bool = False
   skip_bad: bool = False
   labels_file: str = "labels.csv"
+  crop_mode: str = "facebox"
 
 
 class KopaczkaThermal(thermal_common.CodePathFromFile,
                       tfds.core.GeneratorBasedBuilder):
   """The Kopaczka thermal face database as square crops with 68 landmarks."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "2.0.0": "Crops from the face box found in each frame (tml.facebox) "
+               "by default, not from the landmark extent; crop_mode="
+               "'landmarks' keeps the old crops. Metadata counts frames with "
+               "landmarks outside their crop.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       KopaczkaThermalConfig(name="default", description="128x128 crops."),
@@ -95,16 +118,20 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
                             description="64x64 crops."),
       KopaczkaThermalConfig(name="crop256", crop_size=256,
                             description="256x256 crops."),
+      KopaczkaThermalConfig(name="landmark_crops", crop_mode="landmarks",
+                            description="128x128 crops from the landmark "
+                            "extent plus margin (the 1.0.0 crops)."),
   ]
   DEFAULT_CONFIG_NAME = "default"
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
+    thermal_common.check_crop_mode(cfg.crop_mode)
     description = (
         "Kopaczka et al. 2018 thermal face database (1024x768 long-wave "
         "infrared frames, 68 manually placed iBUG landmarks; emotion and "
         "head pose from a user-supplied labels.csv), stored as square face "
-        "crops from the landmark extent in the common thermal schema "
+        f"crops ({_CROP_TEXT[cfg.crop_mode]}) in the common thermal schema "
         f"(data_prep/thermal_common.py): crops {cfg.crop_size}x"
         f"{cfg.crop_size}, margin {cfg.margin:g}, temperature window "
         f"{cfg.t_min:g}-{cfg.t_max:g} C for .npy frames. Chu & Liu 2019 use "
@@ -134,6 +161,7 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
 
     skipped = collections.Counter()
     written, frontal = collections.Counter(), collections.Counter()
+    self._outside = 0
     for err in file_errors:
       skipped[err.reason] += 1
       logging.warning("kopaczka_thermal: skipping: %s", err)
@@ -178,11 +206,16 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
     image = reader.load_image(frame.image_path)
     grey = thermal_common.to_unit_grey(image, cfg.t_min, cfg.t_max,
                                        source=frame.image_path)
-    return thermal_common.make_example(
+    box = thermal_common.choose_box(grey, points, cfg.crop_mode, cfg.margin,
+                                    source=frame.image_path)
+    example = thermal_common.make_example(
         grey, points, crop_size=cfg.crop_size, margin=cfg.margin,
         emotion=label.emotion, subject=frame.subject, sequence=frame.sequence,
         frame=frame.frame, pose=label.pose, glasses=label.glasses,
-        file_name=os.path.basename(frame.image_path))
+        file_name=os.path.basename(frame.image_path), box=box)
+    if thermal_common.points_outside(example["landmarks"], cfg.crop_size):
+      self._outside += 1
+    return example
 
   def _record_summary(self, written, frontal, skipped, unused_rows):
     emotions = thermal_common.THERMAL_EMOTIONS
@@ -194,13 +227,22 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
         "num_skipped": sum(skipped.values()),
         "skipped_by_reason": dict(sorted(skipped.items())),
         "unused_label_rows": unused_rows,
+        "crop_mode": self.builder_config.crop_mode,
+        "frames_with_points_outside_crop": self._outside,
     }
     self.info.metadata.update(summary)
     logging.info(
         "kopaczka_thermal: wrote %d frames (%d frontal); skipped %d %s; "
-        "%d unused label rows", summary["num_frames"], summary["num_frontal"],
-        summary["num_skipped"], summary["skipped_by_reason"], unused_rows)
+        "%d unused label rows; %d frames with landmarks outside their %s crop",
+        summary["num_frames"], summary["num_frontal"], summary["num_skipped"],
+        summary["skipped_by_reason"], unused_rows, self._outside,
+        summary["crop_mode"])
 
+
+_CROP_TEXT = {
+    "facebox": "from the face box found in each frame, tml.facebox",
+    "landmarks": "from the landmark extent plus margin",
+}
 
 _CITATION = """\
 @article{kopaczka2018thermal,

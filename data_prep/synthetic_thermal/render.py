@@ -1,17 +1,20 @@
 """A radiometric (degrees C) long-wave infrared image of a face, from landmarks.
 
 The temperature field is painted in layers (background, shoulders, neck, ears,
-hair, face skin, brows, eyes, nose, lips, glasses). Each layer's mask is an
-analytic soft edge, the normal CDF of the signed distance to a polygon drawn
-through the projected landmarks, which is what a Gaussian blur of a hard
-edge gives: heat diffusion makes thermal edges smooth and low in contrast,
-and being analytic the masks are exact to sub-pixel precision, so features sit
-where the landmarks say at any resolution. The facts encoded (DESIGN.md):
-ambient background; hair and brows cooler than skin; the face border and ears
-cooler than its centre; the nose tip the coolest skin; the inner eye corners
-the hottest points with slightly cooler eyeballs; lips a little warmer than
-skin and an open mouth hotter still; glasses opaque near ambient with a sharp
-edge. Then optics blur and sensor noise.
+hair, face skin, brows, eyes, nose and breath, facial hair, lips, glasses).
+Each layer's mask is an analytic soft edge, the normal CDF of the signed
+distance to a polygon drawn through the projected landmarks, which is what a
+Gaussian blur of a hard edge gives: heat diffusion makes thermal edges smooth
+and low in contrast, and being analytic the masks are exact to sub-pixel
+precision, so features sit where the landmarks say at any resolution. The facts
+encoded (DESIGN.md): ambient background; hair and brows cooler than skin; the
+face border and ears cooler than its centre; the nose tip the coolest skin; the
+inner eye corners the hottest points with slightly cooler eyeballs; lips a
+little warmer than skin and an open mouth hotter still; glasses opaque near
+ambient with a sharp edge; facial hair insulates like scalp hair and reads
+cooler than skin; exhaled air warms and inhaled air cools the nostrils. Then
+residual sensor shading (smooth waves fixed to the frame), optics blur and
+sensor noise.
 
 Everything is evaluated on a `Grid`: output pixel (u, v) has its centre at
 frame pixel-centre coordinate x = x0 + (u + 0.5) * step - 0.5 (likewise y),
@@ -76,6 +79,13 @@ class Thermal:
   blobs: np.ndarray | None = None  # (k, 4): model x, y, sigma, amplitude C
   optics_sigma: float = 1.2       # sensor pixels
   netd: float = 0.07              # noise std per sensor pixel
+  beard: str = ""                 # "", "moustache", "goatee" or "full"
+  beard_temp: float = 31.0        # facial hair insulates: cooler than skin
+  beard_density: float = 0.8      # how far the hair pulls toward beard_temp
+  softness: float = 1.0           # multiplies the face's edge softness
+  shading: np.ndarray | None = None  # (k, 4): amplitude C, kx, ky, phase
+  breath: float = 0.0             # exhaled (> 0) / inhaled (< 0) air, C
+  gain: float = 1.0               # contrast about ambient (distance, humidity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +94,7 @@ class Face:
   shape: np.ndarray            # (68, 3) model units, identity + expression
   pose: shape_model.Pose
   hairline: float = 0.0
+  neck_width: float = 0.26     # half-width of the neck at its top, model units
 
   @property
   def landmarks(self) -> np.ndarray:
@@ -118,8 +129,9 @@ def outlines(face: Face) -> dict[str, np.ndarray]:
   temples = [np.array([lenses[0][10], [p[0, 0] + 0.02, p[0, 1] - 0.04, -0.4]]),
              np.array([lenses[1][0], [p[16, 0] - 0.02, p[16, 1] - 0.04, -0.4]])]
   bridge = np.array([lenses[0][0], lenses[1][10]])
-  neck = np.array([[cx - 0.26, 0.40, -0.4], [cx + 0.26, 0.40, -0.4],
-                   [cx + 0.31, 2.6, -0.4], [cx - 0.31, 2.6, -0.4]])
+  nw = face.neck_width
+  neck = np.array([[cx - nw, 0.40, -0.4], [cx + nw, 0.40, -0.4],
+                   [cx + nw + 0.05, 2.6, -0.4], [cx - nw - 0.05, 2.6, -0.4]])
   side = [(0.30, 1.0), (0.9, 1.22), (1.4, 1.6), (1.55, 3.5)]
   body = np.array([[cx - x, y, -0.5] for x, y in side]
                   + [[cx + x, y, -0.5] for x, y in side[::-1]])
@@ -153,9 +165,11 @@ def skull_ellipse(face: Face) -> tuple[np.ndarray, np.ndarray]:
 class _Canvas:
   """Sample coordinates of a grid and soft-mask painting on windows of it."""
 
-  def __init__(self, grid: Grid, frame_size: tuple[int, int], scale: float):
+  def __init__(self, grid: Grid, frame_size: tuple[int, int], scale: float,
+               softness: float = 1.0):
     fw, fh = frame_size
     self.grid, self.unit = grid, float(scale)  # frame pixels per model unit
+    self.softness = float(softness)
     xs = grid.x0 + (np.arange(grid.width) + 0.5) * grid.step - 0.5
     ys = grid.y0 + (np.arange(grid.height) + 0.5) * grid.step - 0.5
     self.xs = np.clip(xs, 0, fw - 1).astype(np.float32)
@@ -174,7 +188,7 @@ class _Canvas:
 
   def soft_px(self, units: float) -> float:
     """An edge softness in model units -> frame pixels, with the floor."""
-    return float(np.hypot(units * self.unit, self.min_soft))
+    return float(np.hypot(units * self.softness * self.unit, self.min_soft))
 
   def polygon(self, pts, soft_units: float):
     """Soft inside-mask of a closed polygon: ``(rows, cols, mask)``."""
@@ -240,7 +254,7 @@ def render(face: Face, thermal: Thermal, grid: Grid,
     frame_size: (W, H) of the camera frame; outside it the edge is replicated.
     rng: draws the sensor noise.
   """
-  c = _Canvas(grid, frame_size, face.pose.scale)
+  c = _Canvas(grid, frame_size, face.pose.scale, thermal.softness)
   lm = face.landmarks
   out = outlines(face)
   th = thermal
@@ -311,6 +325,15 @@ def render(face: Face, thermal: Thermal, grid: Grid,
   paint(th.nose_tip, c.gauss(lm[29], 0.04, 0.09), 0.33)
   paint(th.nose_tip, c.gauss(nostrils, 0.09, 0.035), 0.76)
   paint(th.nose_tip, c.gauss(lm[30], 0.06, 0.05), 0.95)
+  if th.breath:
+    # Breathing: exhaled air warms, inhaled air cools the nostrils and the
+    # skin below them (the signal thermal respiration monitors read).
+    rows, cols, w = c.gauss(nostrils + [0.0, 0.03 * c.unit], 0.09, 0.05)
+    t[rows, cols] += th.breath * w
+
+  if th.beard:
+    for poly in beard_outlines(lm, th.beard, c.unit):
+      paint(th.beard_temp, c.polygon(poly, 0.02), th.beard_density)
 
   paint(th.lips, c.polygon(lm[48:60], 0.01))
   inner = lm[60:68]
@@ -327,6 +350,15 @@ def render(face: Face, thermal: Thermal, grid: Grid,
     for k in ("bridge", "temple_r", "temple_l"):
       paint(th.lens + 2.0, c.line(out[k], 0.014, 0.002))
 
+  if th.gain != 1.0:
+    t = th.ambient + th.gain * (t - th.ambient)
+  if th.shading is not None:
+    # Residual non-uniformity of an uncooled sensor: smooth, frame-fixed.
+    u, v = c.xs[None, :] / fw, c.ys[:, None] / fh
+    for amp, kx, ky, phase in th.shading:
+      t += (amp * np.cos(2 * np.pi * (kx * u + ky * v) + phase)).astype(
+          np.float32)
+
   # Optics blur (sensor pixels -> output pixels) and, where one output pixel
   # stands for several sensor pixels, the spread of the antialiasing filter
   # that `thermal_common.crop_and_resize` would apply (a triangle of
@@ -338,6 +370,38 @@ def render(face: Face, thermal: Thermal, grid: Grid,
   # Averaging step^2 sensor pixels into one output pixel shrinks their noise.
   noise = th.netd / max(grid.step, 1.0)
   return (t + rng.normal(0.0, noise, t.shape)).astype(np.float32)
+
+
+def beard_outlines(lm: np.ndarray, kind: str, unit: float
+                   ) -> list[np.ndarray]:
+  """Facial-hair polygons in frame coordinates from the ``(68, 2)`` landmarks.
+
+  moustache: between the nostrils and the upper lip; goatee: the chin below
+  the lower lip; full: the lower cheeks and chin down past the jaw line
+  (hair grows a little beyond the skin's outline), plus the moustache.
+  `unit` is frame pixels per model unit (face width).
+  """
+  out = []
+  if kind in ("moustache", "full"):
+    out.append(np.concatenate([lm[31:36], lm[[54, 53, 52, 51, 50, 49, 48]]]))
+  if kind == "goatee":
+    out.append(np.concatenate([lm[[59, 58, 57, 56, 55]],
+                               _grow(lm[6:11][::-1], lm, 0.02 * unit)]))
+  if kind == "full":
+    out.append(np.concatenate([_grow(lm[2:15], lm, 0.03 * unit),
+                               lm[[54, 55, 56, 57, 58, 59, 48]]]))
+  if kind not in ("", "moustache", "goatee", "full"):
+    raise ValueError(f"beard: expected '', moustache, goatee or full, got "
+                     f"{kind!r}")
+  return out
+
+
+def _grow(points, lm, by):
+  """Moves outline points `by` pixels away from the face's centre."""
+  centre = lm[27:36].mean(axis=0)
+  d = points - centre
+  return points + by * d / np.maximum(np.linalg.norm(d, axis=1,
+                                                     keepdims=True), 1e-9)
 
 
 def _intersect(a, b, w):

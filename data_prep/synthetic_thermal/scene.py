@@ -10,7 +10,13 @@ generators seeded with ``(seed, tag, subject[, sequence, frame])``:
   * a frame's draws (expression intensity, pose jitter, temperature drift,
     sensor noise): ``(seed, subject, sequence, frame)``;
   * its annotation noise: ``(seed, subject, sequence, frame)`` under another
-    tag, so it does not change what is rendered.
+    tag, so it does not change what is rendered;
+  * the sensor noise of the reduced whole-frame image the face box is found
+    in (`detection_rng`): under a third tag, so the landmark-extent crops of
+    the "landmarks" crop mode do not depend on it;
+  * the extra draws of the wide `Variation` (facial hair, neck, habitual
+    pose, temperatures; speech, blinks, focus, breath): under two more tags,
+    so the narrow variation's frames are those of builder 1.0.0.
 
 So a build with fewer subjects holds exactly the first subjects' frames of a
 larger one, and any frame can be rendered alone.
@@ -38,7 +44,7 @@ TABLE_I_COUNTS = {"angry": 218, "contempt": 179, "disgust": 211, "fear": 238,
 TABLE_I = np.array([TABLE_I_COUNTS[e] for e in EMOTIONS], dtype=np.float64)
 TABLE_I /= TABLE_I.sum()
 
-_TRAITS, _PLAN, _FRAME, _LABEL = 0, 1, 2, 3
+_TRAITS, _PLAN, _FRAME, _LABEL, _DETECT, _TRAITS_WIDE, _FRAME_WIDE = range(7)
 # Annotation noise, face-width units: real landmarks are placed by hand, and
 # jaw points, which mark no distinct feature, slide along the contour.
 ANNOTATION_SIGMA = 0.004
@@ -61,6 +67,110 @@ class FrameSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Variation:
+  """How much subjects and frames vary. `NARROW` reproduces builder 1.0.0.
+
+  The 1.0.0 draws come first from their own generators and are kept; a
+  wider variation overrides some of them with draws from two further
+  generators (tags `_TRAITS_WIDE`, `_FRAME_WIDE`), so the narrow frames stay
+  bit-identical and a wide subject keeps its identity shape.
+
+  Attributes:
+    name: the builder config's `variation` value.
+    pose_sigma: per-frame (yaw, pitch, roll) jitter std, degrees, around the
+      nominal pose: nobody holds still while acting an emotion.
+    habitual_sigma: per-subject (yaw, pitch, roll) offset std, degrees: how
+      a person sits in front of the camera.
+    expression_pose: degrees of expression-coupled head motion at full
+      intensity (surprise and fear lift the chin, sadness and anger lower
+      it, disgust turns away, contempt tilts toward its side).
+    scale_sigma: per-frame relative face-size jitter (leaning in and out).
+    centre_sigma: per-frame position jitter, fractions of the frame.
+    beard_fraction: share of subjects with facial hair (moustache, goatee
+      or full beard; cooler than skin, so it also moves the face box).
+    neck_width: (low, high) per-subject neck half-width, face widths.
+    skin_offset_sigma: per-subject shift of all skin temperatures, C.
+    nose_tip: (low, high) per-subject nose-tip temperature, C.
+    brow_drop: (low, high) per-subject brow cooling, C (low: barely visible).
+    blob_sigma: std of the vascular pattern's amplitudes, C.
+    softness: (low, high) per-subject multiplier of edge softness
+      (low-contrast, diffuse thermal edges).
+    shading: amplitude (C) of each of three smooth sensor-shading waves.
+    focus: (low, high) per-frame multiplier of the optics blur (focus).
+    netd: (low, high) per-frame multiplier of the sensor noise.
+    drift_sigma: per-frame std of the skin temperature drift, C.
+    breathing: per-frame std of the breath's temperature at the nostrils, C.
+    gain: (low, high) per-frame contrast about ambient (an 8-bit export's
+      automatic gain; radiometric frames have 1, the wide default).
+    vessels, vessel_amp: number and amplitude std (C) of small warm/cool
+      spots of the subject's superficial vessels, on top of the broad blobs.
+    talk_fraction: share of frames caught mid-speech or mouth-breathing (jaw
+      and lower lip dropped by a random amount).
+    blink_fraction: share of frames caught mid-blink (lids partly or fully
+      closed).
+  """
+  name: str
+  pose_sigma: tuple[float, float, float] = (2.0, 2.0, 2.5)
+  habitual_sigma: float = 0.0
+  expression_pose: float = 0.0
+  scale_sigma: float = 0.03
+  centre_sigma: float = 0.02
+  beard_fraction: float = 0.0
+  neck_width: tuple[float, float] = (0.26, 0.26)
+  skin_offset_sigma: float = 0.0
+  nose_tip: tuple[float, float] | None = None
+  brow_drop: tuple[float, float] | None = None
+  blob_sigma: float | None = None
+  softness: tuple[float, float] = (1.0, 1.0)
+  shading: float = 0.0
+  focus: tuple[float, float] = (1.0, 1.0)
+  netd: tuple[float, float] = (1.0, 1.0)
+  drift_sigma: float = 0.25
+  breathing: float = 0.0
+  gain: tuple[float, float] = (1.0, 1.0)
+  vessels: int = 0
+  vessel_amp: float = 0.0
+  talk_fraction: float = 0.0
+  blink_fraction: float = 0.0
+
+  @property
+  def is_narrow(self) -> bool:
+    return self == dataclasses.replace(NARROW, name=self.name)
+
+
+NARROW = Variation("narrow")
+WIDE = Variation(
+    "wide", pose_sigma=(5.0, 4.0, 4.0), habitual_sigma=3.0,
+    expression_pose=5.0, scale_sigma=0.05, centre_sigma=0.04,
+    beard_fraction=0.25, neck_width=(0.20, 0.34), skin_offset_sigma=0.4,
+    nose_tip=(30.0, 33.0), brow_drop=(0.4, 1.8), blob_sigma=0.35,
+    softness=(0.8, 1.8), shading=0.25, focus=(0.8, 2.5), netd=(0.8, 2.0),
+    drift_sigma=0.5, breathing=1.0, talk_fraction=0.4,
+    blink_fraction=0.1)
+VARIATIONS = {v.name: v for v in (NARROW, WIDE)}
+
+# Head motion at full expression intensity, in units of
+# `Variation.expression_pose`: (yaw, pitch, roll); yaw and roll follow the
+# contempt side where signed.
+_EXPRESSION_POSE = {
+    "surprise": (0.0, -1.0, 0.0), "fear": (0.0, -0.6, 0.0),
+    "sad": (0.0, 1.0, 0.0), "angry": (0.0, 0.6, 0.0),
+    "disgust": (0.8, -0.4, 0.0), "contempt": (0.4, -0.3, 0.6),
+    "happy": (0.0, -0.2, 0.0), "neutral": (0.0, 0.0, 0.0),
+}
+
+
+def variation(name_or_variation) -> Variation:
+  """A `Variation` by name ("narrow", "wide"), or the argument itself."""
+  if isinstance(name_or_variation, Variation):
+    return name_or_variation
+  if name_or_variation not in VARIATIONS:
+    raise ValueError(f"variation: expected one of {sorted(VARIATIONS)}, got "
+                     f"{name_or_variation!r}")
+  return VARIATIONS[name_or_variation]
+
+
+@dataclasses.dataclass(frozen=True)
 class Traits:
   """Persistent per-subject properties."""
   identity: shape_model.Identity
@@ -68,14 +178,19 @@ class Traits:
   contempt_side: int
   scale_frac: float   # face width / frame width
   centre: tuple[float, float]  # eye midpoint, fractions of frame W and H
+  habitual: tuple[float, float, float] = (0.0, 0.0, 0.0)  # yaw, pitch, roll
+  neck_width: float = 0.26
+  variation: Variation = NARROW
 
 
 def _rng(*ids: int) -> np.random.Generator:
   return np.random.default_rng([int(i) for i in ids])
 
 
-def subject_traits(seed: int, subject: int, glasses_fraction: float = 0.15
-                   ) -> Traits:
+def subject_traits(seed: int, subject: int, glasses_fraction: float = 0.15,
+                   variation_name="narrow") -> Traits:
+  """Persistent properties of one subject (see `Variation`)."""
+  var = variation(variation_name)
   rng = _rng(seed, _TRAITS, subject)
   u = rng.uniform
   identity = shape_model.Identity.sample(rng)
@@ -95,9 +210,48 @@ def subject_traits(seed: int, subject: int, glasses_fraction: float = 0.15
       mouth=u(35.7, 36.3), glasses=bool(rng.random() < glasses_fraction),
       lens=ambient + u(1.0, 3.0), blobs=blobs, optics_sigma=u(0.9, 1.6),
       netd=u(0.05, 0.1))
-  return Traits(identity=identity, thermal=thermal,
-                contempt_side=1 if rng.random() < 0.5 else -1,
-                scale_frac=u(0.26, 0.42), centre=(u(0.4, 0.6), u(0.36, 0.46)))
+  traits = Traits(identity=identity, thermal=thermal,
+                  contempt_side=1 if rng.random() < 0.5 else -1,
+                  scale_frac=u(0.26, 0.42),
+                  centre=(u(0.4, 0.6), u(0.36, 0.46)), variation=var)
+  if var.is_narrow:
+    return traits
+  return _widen_traits(seed, subject, traits)
+
+
+def _widen_traits(seed: int, subject: int, traits: Traits) -> Traits:
+  """Overrides / adds the per-subject draws of a wide `Variation`."""
+  var = traits.variation
+  rng = _rng(seed, _TRAITS_WIDE, subject)
+  u, n = rng.uniform, rng.normal
+  th = traits.thermal
+  habitual = tuple(float(v) for v in n(0.0, var.habitual_sigma, 3))
+  offset = n(0.0, var.skin_offset_sigma)
+  beard = ""
+  if rng.random() < var.beard_fraction:
+    beard = ("moustache", "goatee", "full")[rng.choice(3, p=[0.3, 0.3, 0.4])]
+  beard_temp, beard_density = u(29.5, 32.0), u(0.6, 1.0)
+  blobs = th.blobs.copy()
+  amp = n(0.0, 1.0, len(blobs))
+  if var.blob_sigma is not None:
+    blobs[:, 3] = var.blob_sigma * amp
+  k = var.vessels
+  vessels = np.stack([u(-0.45, 0.45, k), u(-0.4, 0.7, k), u(0.015, 0.04, k),
+                      n(0.0, var.vessel_amp, k)], axis=1)
+  blobs = np.concatenate([blobs, vessels])
+  nose = u(*var.nose_tip) if var.nose_tip else th.nose_tip
+  brow = u(*var.brow_drop) if var.brow_drop else th.brow_drop
+  shading = np.stack([var.shading * u(0.3, 1.0, 3), u(-1.5, 1.5, 3),
+                      u(-1.5, 1.5, 3), u(0, 2 * np.pi, 3)], axis=1)
+  thermal = dataclasses.replace(
+      th, skin_core=th.skin_core + offset, skin_border=th.skin_border + offset,
+      neck=th.neck + offset, eye=th.eye + 0.5 * offset,
+      lips=th.lips + 0.5 * offset, nose_tip=nose, brow_drop=brow,
+      blobs=blobs, beard=beard, beard_temp=beard_temp,
+      beard_density=beard_density, softness=u(*var.softness),
+      shading=shading if var.shading > 0 else None)
+  return dataclasses.replace(traits, thermal=thermal, habitual=habitual,
+                             neck_width=u(*var.neck_width))
 
 
 def _allocate(total: int, p: np.ndarray, rng: np.random.Generator
@@ -156,16 +310,37 @@ def frame_scene(seed: int, spec: FrameSpec, traits: Traits,
   shape = shape_model.apply_expression(
       shape_model.apply_identity(traits.identity), emotion, intensity,
       traits.contempt_side)
+  var = traits.variation
+  wide = None
+  if not var.is_narrow:
+    wide = _rng(seed, _FRAME_WIDE, spec.subject, spec.sequence, spec.frame)
+    talk, blink = wide.random(2)
+    talk_amount, blink_amount = wide.uniform(0.2, 1.0), wide.uniform(0.3, 1.0)
+    if talk < var.talk_fraction:
+      shape = shape_model.apply_movement(shape, "talk", talk_amount)
+    if blink < var.blink_fraction:
+      shape = shape_model.apply_movement(shape, "blink", blink_amount)
   yaw, pitch = shape_model.POSES[spec.pose]
-  scale = traits.scale_frac * fw * n(1.0, 0.03)
+  # Standard-normal draws scaled by the variation, in the 1.0.0 order.
+  z_scale, z_yaw, z_pitch, z_roll, z_tx, z_ty = (n() for _ in range(6))
+  sy, sp, sr = var.pose_sigma
+  move = np.zeros(3)
+  if not var.is_narrow:
+    ey, ep, er = _EXPRESSION_POSE[emotion]
+    move = (np.array(traits.habitual) + var.expression_pose * intensity
+            * np.array([ey * traits.contempt_side, ep,
+                        er * traits.contempt_side]))
+  scale = traits.scale_frac * fw * (1.0 + var.scale_sigma * z_scale)
   pose = shape_model.Pose(
-      yaw=yaw + n(0, 2.0), pitch=pitch + n(0, 2.0), roll=n(0, 2.5),
-      scale=scale, tx=fw * (traits.centre[0] + n(0, 0.02)),
-      ty=fh * (traits.centre[1] + n(0, 0.02)))
+      yaw=yaw + sy * z_yaw + move[0], pitch=pitch + sp * z_pitch + move[1],
+      roll=sr * z_roll + move[2], scale=scale,
+      tx=fw * (traits.centre[0] + var.centre_sigma * z_tx),
+      ty=fh * (traits.centre[1] + var.centre_sigma * z_ty))
   face = render.Face(shape=shape, pose=pose,
-                     hairline=traits.identity.hairline)
+                     hairline=traits.identity.hairline,
+                     neck_width=traits.neck_width)
   th = traits.thermal
-  drift = n(0, 0.25)
+  drift = var.drift_sigma * n()
   # Stress-like emotions cool the nose (a reported thermal effect of arousal).
   stress = 0.4 * intensity if spec.emotion in ("fear", "surprise", "sad") else 0
   thermal = dataclasses.replace(
@@ -175,7 +350,17 @@ def frame_scene(seed: int, spec: FrameSpec, traits: Traits,
       nose_tip=float(np.clip(th.nose_tip + drift + n(0, 0.3) - stress,
                              30.0, 33.0)),
       lips=th.lips + 0.5 * drift)
+  if wide is not None:
+    thermal = dataclasses.replace(
+        thermal, optics_sigma=thermal.optics_sigma * wide.uniform(*var.focus),
+        netd=thermal.netd * wide.uniform(*var.netd),
+        breath=var.breathing * wide.normal(), gain=wide.uniform(*var.gain))
   return face, thermal, rng
+
+
+def detection_rng(seed: int, spec: FrameSpec) -> np.random.Generator:
+  """Noise generator of the frame's reduced whole-frame rendering."""
+  return _rng(seed, _DETECT, spec.subject, spec.sequence, spec.frame)
 
 
 def annotation_offsets(seed: int, spec: FrameSpec, landmarks: np.ndarray,

@@ -240,6 +240,38 @@ EXPRESSIONS = {
 }
 
 
+# Movements that come and go within any expression, at full amount: speech
+# or breathing through the mouth drops the jaw and lower lip; a blink closes
+# the upper lids onto the lower ones. Face-width units, like EXPRESSIONS.
+_T = 0.07
+MOVEMENTS = {
+    "talk": _displacements({
+        57: (0, _T), 58: (0, 0.95 * _T), 59: (0.005, 0.6 * _T),
+        66: (0, 0.9 * _T), 67: (0, 0.85 * _T), 60: (0.005, 0.2 * _T),
+        48: (0.005, 0.2 * _T), 62: (0, -0.004), 51: (0, -0.004),
+        **_jaw_drop(_T)}),
+}
+
+
+def apply_movement(shape: np.ndarray, movement: str, amount: float
+                   ) -> np.ndarray:
+  """Adds a movement, ``(68, 3)`` -> ``(68, 3)``.
+
+  "talk": the `MOVEMENTS` displacement times ``amount``. "blink": relative
+  to each eye's own opening; ``amount`` = 1 closes the lids (upper lid 80 %,
+  lower lid 20 % of the way).
+  """
+  out = shape.copy()
+  if movement == "blink":
+    for upper, lower in (((37, 38), (41, 40)), ((43, 44), (47, 46))):
+      gap = out[list(lower), 1] - out[list(upper), 1]
+      out[list(upper), 1] += amount * 0.8 * gap
+      out[list(lower), 1] -= amount * 0.2 * gap
+    return out
+  out[:, :2] += amount * MOVEMENTS[movement]
+  return out
+
+
 def apply_expression(shape: np.ndarray, emotion: str, intensity: float,
                      side: int = 1) -> np.ndarray:
   """Adds an emotion's landmark displacement, ``(68, 3)`` -> ``(68, 3)``.

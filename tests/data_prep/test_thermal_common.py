@@ -153,3 +153,51 @@ def test_make_example_matches_schema_and_encodes():
 def test_kopaczka_file_name_style():
   assert (tc.kopaczka_file_name(4, 6, 497, "png")
           == "irface_sub004_seq06_frm00497.png_lfb")
+
+
+# ----------------------------------------------------------------------------
+# Crop modes.
+# ----------------------------------------------------------------------------
+
+def _warm_head(h=240, w=320):
+  """A smooth warm head and narrower neck on an ambient background."""
+  ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+  head = ((xs - 160) / 45) ** 2 + ((ys - 100) / 58) ** 2 < 1
+  neck = (np.abs(xs - 160) < 25) & (ys > 140)
+  return np.where(head | neck, 34.0, 22.0).astype(np.float32)
+
+
+def test_choose_box_by_crop_mode():
+  rng = np.random.default_rng(3)
+  frame = _warm_head()
+  pts = _face_points(rng, (160.0, 110.0), 70.0)
+  np.testing.assert_allclose(tc.choose_box(frame, pts, "landmarks", 0.25),
+                             tc.crop_box(pts, 0.25))
+  box = tc.choose_box(frame, pts, "facebox")
+  # From the image only: other landmarks, the same box.
+  assert box == tc.choose_box(frame, pts + 40.0, "facebox")
+  x0, y0, x1, y1 = box
+  assert x1 - x0 == pytest.approx(y1 - y0)
+  assert x0 < 115 and x1 > 205 and y0 < 60  # holds the head's width and top
+  with pytest.raises(tc.ThermalFormatError, match="field 'crop_mode'"):
+    tc.choose_box(frame, pts, "ground_truth")
+  with pytest.raises(tc.ThermalFormatError, match="face_box|warm") as err:
+    tc.choose_box(np.full((240, 320), 22.0), pts, "facebox", source="f.png")
+  assert err.value.reason == "face_box"
+
+
+def test_make_example_with_a_given_box_and_points_outside():
+  rng = np.random.default_rng(4)
+  pts = _face_points(rng, (160.0, 120.0), 100.0)
+  grey = rng.uniform(0, 1, (240, 320)).astype(np.float32)
+  box = (100.0, 60.0, 200.0, 160.0)  # cuts part of the points off
+  ex = tc.make_example(grey, pts, crop_size=32, margin=0.25, emotion=1,
+                       subject=1, sequence=1, frame=1, pose=0, glasses=False,
+                       file_name="x", box=box)
+  np.testing.assert_allclose(ex["crop_box"], box)
+  np.testing.assert_allclose(tc.crop_to_frame(ex["landmarks"], box, 32), pts,
+                             atol=1e-3)
+  lo, hi = np.array([99.5, 59.5]), np.array([199.5, 159.5])  # centres
+  inside = np.all((pts > lo) & (pts < hi), axis=1)
+  assert tc.points_outside(ex["landmarks"], 32) == int(np.sum(~inside)) > 0
+  assert tc.points_outside(np.full((68, 2), 16.0), 32) == 0
