@@ -28,6 +28,7 @@ class Config:
   data_dir: str = "~/tensorflow_datasets"
   manual_dir: str = ""
   landmarks_file: str = ""           # fer2013/tfd config dlib68: label68 output
+  rebuild: bool = False              # delete the prepared dataset and build it again from --manual_dir
   image_size: int = 128              # N: network input (thermal crops resized)
   splits: tuple[int, ...] = (0, 1, 2, 3, 4)   # Chu protocol repeats / TFD folds
   # Which parameters are reported, and on what. ``selection``: "auto" (FER2013

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from tml import landmarks as lm
+from tml import provenance
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,47 @@ def dataset_info(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
+class DatasetIncomplete(RuntimeError):
+  """A prepared dataset lacks splits its protocol reads."""
+
+
+def _make_builder(spec: DatasetSpec, data_dir: str, config, builder_kwargs):
+  import tensorflow_datasets as tfds  # local: heavy, only needed here
+  importlib.import_module(spec.module)
+  return tfds.builder(spec.tfds_name, data_dir=data_dir, config=config,
+                      file_format="array_record", **(builder_kwargs or {}))
+
+
+def remove_build(name: str, *, data_dir, config: str | None = None,
+                 builder_kwargs: Mapping[str, Any] | None = None) -> bool:
+  """Deletes the prepared copy of ``name`` (this config and version) under
+  ``data_dir``; returns whether there was one. ``--rebuild`` calls this once,
+  before the run opens the dataset."""
+  spec = dataset_info(name)
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  builder = _make_builder(spec, data_dir, config, builder_kwargs)
+  build_dir = _build_dir(builder)
+  if not build_dir.exists():
+    return False
+  log.warning("removing the build of %s at %s (rebuild)", name, build_dir)
+  build_dir.rmtree()
+  return True
+
+
+def _build_dir(builder):
+  """The versioned folder of a build, as an ``epath.Path`` (TFDS gives str)."""
+  from etils import epath  # local: comes with TFDS
+  return epath.Path(builder.data_dir)
+
+
+def _build_dir_text(builder) -> str:
+  return os.fspath(builder.data_dir)
+
+
 def open_source(name: str, *, data_dir, split: str, manual_dir=None,
                 config: str | None = None, build_if_missing: bool = True,
-                builder_kwargs: Mapping[str, Any] | None = None):
+                builder_kwargs: Mapping[str, Any] | None = None,
+                rebuild: bool = False):
   """A random-access source of one split of a registered dataset.
 
   Imports the builder's module lazily (so tml imports no builder code until
@@ -118,26 +157,104 @@ def open_source(name: str, *, data_dir, split: str, manual_dir=None,
   there yet, and returns ``builder.as_data_source(split)``: ``len(source)``
   and ``source[i] -> dict of numpy arrays``. TensorFlow is never imported.
 
+  What the build was made from (the ``manual_dir``'s files with sizes and
+  modification times, and any path-valued ``builder_kwargs`` such as
+  ``landmarks_file``) is recorded beside it (`tml.provenance`); a later open
+  whose inputs differ is refused, naming the files added, removed or
+  changed. A build without a record (made by an older tml) is adopted with a
+  warning. ``rebuild=True`` deletes the old build first and builds afresh.
+
+  A build must hold every split of the dataset's protocol
+  (``DatasetSpec.splits``): a fresh build that lacks one (a source with only
+  Training rows) is deleted again and refused, so it is never served and a
+  fixed source builds cleanly on the next run.
+
   Raises:
     FileNotFoundError: the dataset is not prepared and ``build_if_missing``
       is False.
+    provenance.DatasetChanged: the inputs changed since the build.
+    DatasetIncomplete: the build lacks splits of the protocol.
   """
-  import tensorflow_datasets as tfds  # local: heavy, only needed here
   spec = dataset_info(name)
   data_dir = os.path.expanduser(os.fspath(data_dir))  # TFDS would make './~'
   if manual_dir:
     manual_dir = os.path.expanduser(os.fspath(manual_dir))
-  importlib.import_module(spec.module)
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir, config=config,
-                         file_format="array_record", **(builder_kwargs or {}))
+  if rebuild:
+    remove_build(name, data_dir=data_dir, config=config,
+                 builder_kwargs=builder_kwargs)
+  builder = _make_builder(spec, data_dir, config, builder_kwargs)
+  # TFDS reads <data_dir>/downloads/manual when no manual_dir is given.
+  default_manual = os.path.join(data_dir, "downloads", "manual")
+  if (not manual_dir and getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+      and os.path.isdir(default_manual)):
+    current = provenance.fingerprint(default_manual, builder_kwargs)
+  else:
+    current = provenance.fingerprint(manual_dir, builder_kwargs)
   if not builder.is_prepared():
     if not build_if_missing:
       raise FileNotFoundError(
           f"dataset {name!r} ({spec.tfds_name}) is not prepared under "
           f"{data_dir}; build it or pass build_if_missing=True")
+    import tensorflow_datasets as tfds  # local: heavy, only needed here
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    missing = [s for s in spec.splits if s not in builder.info.splits]
+    if missing:
+      where = _build_dir_text(builder)
+      _build_dir(builder).rmtree()
+      raise DatasetIncomplete(
+          f"dataset {name!r}: the build from "
+          f"{manual_dir or (builder_kwargs or {}) or data_dir} has no records "
+          f"for split(s) {', '.join(missing)} (it has "
+          f"{', '.join(builder.info.splits) or 'none'}); {name} needs "
+          f"{', '.join(spec.splits)}. The partial build at {where} was "
+          "removed; supply the complete source and rerun")
+    provenance.write_record(_build_dir(builder), current)
+  else:
+    _check_prepared(name, spec, builder, current, manual_dir)
   return builder.as_data_source(split=split)
+
+
+def _check_prepared(name, spec, builder, current, manual_dir):
+  """Refuses a prepared build that is incomplete or whose inputs changed."""
+  where = _build_dir_text(builder)
+  missing = [s for s in spec.splits if s not in builder.info.splits]
+  if missing:
+    raise DatasetIncomplete(
+        f"dataset {name!r} at {where} has no split(s) {', '.join(missing)} "
+        f"(it has {', '.join(builder.info.splits) or 'none'}); it was built "
+        "from an incomplete source. Supply the complete source and pass "
+        "--rebuild (rebuild=True) to rebuild it")
+  if not provenance.has_inputs(current):
+    return
+  manual_dir = current["manual_dir"]
+  if manual_dir and not os.path.exists(manual_dir):
+    log.warning("%s: --manual_dir=%s does not exist; using the prepared "
+                "build at %s without checking what it was built from", name,
+                manual_dir, where)
+    return
+  stored = provenance.read_record(_build_dir(builder))
+  if stored is None:
+    log.warning("%s at %s has no record of what it was built from (built by "
+                "an older tml); recording %s now. If it was built from other "
+                "files, pass --rebuild", name, where,
+                manual_dir or sorted(current["inputs"]))
+    try:
+      provenance.write_record(_build_dir(builder), current)
+    except OSError as e:  # a read-only copy of a prepared dataset
+      log.warning("%s: cannot write the record (%s)", where, e)
+    return
+  diff = provenance.differences(stored, current)
+  if diff:
+    raise provenance.DatasetChanged(
+        f"dataset {name!r} at {where} was built from other files than the "
+        "ones given now:\n  " + "\n  ".join(diff) +
+        "\nPass --rebuild (rebuild=True) to delete it and build it from the "
+        "current files, or point --data_dir elsewhere")
+  if (stored.get("manual_dir") and current.get("manual_dir")
+      and stored["manual_dir"] != current["manual_dir"]):
+    log.info("%s: same files under a new manual_dir %s (built from %s)",
+             name, current["manual_dir"], stored["manual_dir"])
 
 
 # ------------------------------------------------------------- examples
@@ -268,11 +385,32 @@ def load_examples(source, *, image_size: int | None = None,
 
 def cache_path_for(cache_dir, name: str, *, split: str, version: str,
                    config: str | None = None,
-                   image_size: int | None = None) -> pathlib.Path:
-  """``<cache_dir>/<name>[-<config>]-<version>-<split>-<size|orig>.npz``."""
-  parts = [name] + ([config] if config else []) + [
-      str(version), split, str(image_size) if image_size else "orig"]
+                   image_size: int | None = None,
+                   inputs_digest: str | None = None) -> pathlib.Path:
+  """``<cache_dir>/<name>[-<config>]-<version>[-<inputs>]-<split>-<size|orig>.npz``.
+
+  ``inputs_digest`` (`build_digest`) names what a manual_dir build was built
+  from, so a rebuild from other files never reads the old cache.
+  """
+  parts = [name] + ([config] if config else []) + [str(version)] + (
+      [inputs_digest] if inputs_digest else []) + [
+      split, str(image_size) if image_size else "orig"]
   return pathlib.Path(cache_dir) / ("-".join(parts) + ".npz")
+
+
+def build_digest(name: str, *, data_dir, config: str | None = None
+                 ) -> str | None:
+  """8 hex digits of the build's provenance record, None without inputs."""
+  import hashlib
+  import json
+  builder = _make_builder(dataset_info(name),
+                          os.path.expanduser(os.fspath(data_dir)), config, None)
+  record = provenance.read_record(_build_dir(builder))
+  if not record or not provenance.has_inputs(record):
+    return None
+  text = json.dumps({k: record.get(k) for k in ("files", "inputs")},
+                    sort_keys=True)
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def load_split(name: str, *, data_dir, split: str,
@@ -291,8 +429,10 @@ def load_split(name: str, *, data_dir, split: str,
   cache_path = None
   if cache_dir is not None:
     version = str(source.dataset_info.version)
-    cache_path = cache_path_for(cache_dir, name, split=split, version=version,
-                                config=config, image_size=image_size)
+    cache_path = cache_path_for(
+        cache_dir, name, split=split, version=version, config=config,
+        image_size=image_size,
+        inputs_digest=build_digest(name, data_dir=data_dir, config=config))
   return load_examples(source, image_size=image_size, sort_by=spec.key_field,
                        cache_path=cache_path)
 

@@ -31,6 +31,7 @@ from tml import preprocess
 from tml import protocol
 from tml import report
 from tml import ridge
+from tml import run_config_guard
 from tml import train_step as step_lib
 from tml import writers
 from tml.config import Config
@@ -323,6 +324,7 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
+    run_config_guard.check_start(cfg, workdir)
     writers.write_run_info(workdir, cfg.to_dict())
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(cfg.batch_size, mesh, "batch_size")

@@ -75,6 +75,10 @@ class Fer2013Tml(common.ExpressionBuilder):
     source = self._source or reader.find_source(dl_manager.manual_dir)
     join = self._prepare_build(dl_manager, source)
     counts = reader.split_counts(source)
+    if not counts:
+      # Nothing to build: say why (an empty file, a wrong header) rather than
+      # let TFDS write a dataset with no splits that reads as prepared.
+      reader.check_has_records(source)
     # TFDS cannot write an empty split; a partial source (the csv head, a
     # test-only folder) builds the splits it has and says so.
     missing = [s for s in reader.SPLITS if not counts[s]]

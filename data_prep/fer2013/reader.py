@@ -142,6 +142,26 @@ def split_counts(source: str | os.PathLike) -> collections.Counter:
   return collections.Counter(e.split for e in entries)
 
 
+def check_has_records(source: str | os.PathLike) -> None:
+  """Raises ``ExpressionDataError`` naming ``source`` unless it holds at
+  least one record of a known split (an empty file, a header-only csv, an
+  empty folder or zip)."""
+  source = pathlib.Path(source)
+  if split_counts(source):
+    return
+  if source.name.lower().endswith((".csv", ".csv.gz")):
+    # Raises the precise header problem (empty file, missing columns) first.
+    next(read(source), None)
+    raise ExpressionDataError(
+        f"{source}: no data rows (header only); expected rows "
+        "'emotion,pixels,Usage' with Usage in "
+        f"{list(USAGE_TO_SPLIT)}", field="file")
+  raise ExpressionDataError(
+      f"{source}: no images in the layout; expected "
+      "train/<class>/Training_<n>.jpg and "
+      "test/<class>/{PublicTest,PrivateTest}_<n>.jpg", field="file")
+
+
 def _check_splits(splits):
   wanted = set(SPLITS if splits is None else splits)
   unknown = wanted - set(SPLITS)

@@ -1,0 +1,171 @@
+"""A run started in an existing workdir must be the run that is stored there.
+
+``train_and_evaluate`` calls `check_start` on process 0 before it writes
+``config.json``. If the workdir already holds a ``config.json`` and anything
+that run produced (checkpoints, metrics, results), the new config is
+compared with the stored one field by field:
+
+* fields in `ALLOWED` cannot change what is trained or reported, only how
+  often it is logged or saved, where files are, and how the processes meet;
+  a change passes with a logged note;
+* ``splits`` may grow: a list that contains every stored split keeps the
+  finished splits and runs the new ones; dropping or reordering a split
+  away is refused;
+* any other difference is refused with `ConfigMismatch`, listing each field
+  ``old -> new``, before anything is written.
+
+Fields the stored config lacks (added to ``Config`` after that run) count as
+having been their default. Fields only the stored config has (removed from
+``Config``) are noted, not refused.
+
+`check_start` also honours ``rebuild`` (``--rebuild``): once the config
+passes, the prepared dataset is deleted so that the run builds it again
+from the current ``manual_dir`` (see `tml.input_pipeline.open_source`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any, Mapping
+
+log = logging.getLogger("tml")
+
+CONFIG_NAME = "config.json"
+# Files `writers.write_run_info` writes before training starts; a workdir
+# with nothing else in it holds no results to protect.
+_RUN_INFO_FILES = {"config.json", "run_info.json", "config.json.tmp",
+                   "run_info.json.tmp"}
+
+# Why each may change on resume:
+ALLOWED = {
+    "log_every_steps": "how often metrics are fetched and written",
+    "checkpoint_every_steps": "a resumed run is bit-identical whatever the "
+                              "interval",
+    "keep_checkpoints": "how many old checkpoints are kept on disk",
+    "num_plot_images": "how many test images the landmark figure shows",
+    "workdir": "where the run is (a moved workdir)",
+    "data_dir": "where the prepared dataset is (its inputs are checked "
+                "against its provenance record)",
+    # Per-example predictions do not depend on the batch they are computed
+    # in (padding rows have weight 0); only float rounding of the sums can.
+    "eval_batch_size": "evaluation batch size; predictions are per example",
+    "multihost": "how the processes are started",
+    "coordinator_address": "how the processes are started",
+    "num_processes": "how the processes are started",
+    "process_id": "how the processes are started",
+    "rebuild": "rebuilds the dataset; its inputs are checked by provenance",
+}
+
+
+class ConfigMismatch(ValueError):
+  """The config differs from the one stored in the workdir."""
+
+
+def _plain(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+def _has_results(workdir: pathlib.Path) -> bool:
+  return any(p.name not in _RUN_INFO_FILES
+             for p in workdir.rglob("*") if p.is_file())
+
+
+def compare(stored: Mapping[str, Any], new: Mapping[str, Any],
+            defaults: Mapping[str, Any] | None = None
+            ) -> tuple[list[str], list[str]]:
+  """``(refused, notes)``: one line per differing field, ``old -> new``.
+
+  Args:
+    stored: the workdir's config.json.
+    new: the new config as a JSON-able dict (``Config.to_dict()``).
+    defaults: field defaults, standing in for fields ``stored`` lacks.
+  """
+  stored, new = _plain(dict(stored)), _plain(dict(new))
+  defaults = _plain(dict(defaults or {}))
+  refused, notes = [], []
+  for key in sorted(new):
+    if key in stored:
+      old = stored[key]
+    elif key in defaults:
+      old = defaults[key]
+    else:
+      old = "(absent)"
+    value = new[key]
+    if old == value:
+      continue
+    line = f"{key}: {old!r} -> {value!r}"
+    if key in ALLOWED:
+      notes.append(f"{line} (allowed: {ALLOWED[key]})")
+    elif key == "splits" and isinstance(old, list) and isinstance(value, list) \
+        and set(old) <= set(value):
+      added = [s for s in value if s not in old]
+      notes.append(f"{line} (allowed: finished splits are kept, "
+                   f"{added} will run)")
+    else:
+      refused.append(line)
+  for key in sorted(set(stored) - set(new)):
+    notes.append(f"{key}: {stored[key]!r} -> (no longer a config field; "
+                 "ignored)")
+  return refused, notes
+
+
+def check_workdir(cfg, workdir) -> None:
+  """Raises `ConfigMismatch` if ``cfg`` differs from the workdir's stored
+  config in a field that can change results; logs the allowed differences.
+
+  Args:
+    cfg: the new ``tml.config.Config`` (any dataclass with ``to_dict``).
+    workdir: the run directory (it may not exist yet).
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  path = workdir / CONFIG_NAME
+  if not path.exists():
+    return
+  try:
+    stored = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigMismatch(
+        f"{path}: unreadable ({e}); cannot tell whether this run matches the "
+        "one in this workdir. Use a new --workdir, or delete the file if "
+        "the workdir holds nothing to keep") from None
+  new = cfg.to_dict()
+  defaults = {}
+  if dataclasses.is_dataclass(cfg):
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING}
+    if "splits" in defaults:
+      defaults["splits"] = list(defaults["splits"])
+  refused, notes = compare(stored, new, defaults)
+  if refused and not _has_results(workdir):
+    log.info("%s: the stored config differs but the workdir holds no "
+             "results yet; starting with the new config (%s)", workdir,
+             "; ".join(refused))
+    return
+  for note in notes:
+    log.info("config change on resume in %s: %s", workdir, note)
+  if refused:
+    raise ConfigMismatch(
+        f"{workdir} holds a run with another config; refusing to mix them. "
+        "Changed field(s), stored -> new:\n  " + "\n  ".join(
+            f"--{line}" for line in refused) +
+        f"\nRerun with the stored values (see {path}) to resume, or use a "
+        "new --workdir for the new config")
+
+
+def check_start(cfg, workdir) -> None:
+  """What a run checks before it writes anything in ``workdir``.
+
+  `check_workdir`, then, with ``rebuild`` set, deletes the prepared dataset
+  so the run builds it again. Call on process 0 only (the others wait for
+  it at the dataset barrier).
+  """
+  check_workdir(cfg, workdir)
+  if getattr(cfg, "rebuild", False):
+    from tml import input_pipeline  # local: heavy (TFDS) only when asked
+    kwargs = ({"landmarks_file": cfg.landmarks_file}
+              if getattr(cfg, "landmarks_file", "") else None)
+    input_pipeline.remove_build(cfg.dataset, data_dir=cfg.data_dir,
+                                config=cfg.dataset_config or None,
+                                builder_kwargs=kwargs)
