@@ -202,6 +202,53 @@ def crop_box(landmarks: np.ndarray, margin: float = DEFAULT_MARGIN
   return (x0 + 0.5, y0 + 0.5, x1 + 0.5, y1 + 0.5)
 
 
+# How far outside the frame an annotated point may lie, as a fraction of the
+# frame's larger side: a jaw point just past the border is a real annotation;
+# one a whole frame away is a broken file (e.g. coordinates in another unit).
+MAX_OUTSIDE_FRACTION = 0.5
+
+
+def check_points(points: np.ndarray, frame_shape: Sequence[int], *,
+                 source="landmarks") -> np.ndarray:
+  """Refuses frame landmarks that cannot be a face; returns them unchanged.
+
+  Args:
+    points: ``(68, 2)`` (x, y) pixel centres in the frame; NaN points (missing)
+      are left to the caller and ignored here.
+    frame_shape: ``(H, W, ...)`` of the frame the points belong to.
+    source: file name for error messages.
+
+  Raises:
+    ThermalFormatError: (reason 'landmarks') all finite points coincide (a
+      zero-size face: no crop, no inter-pupil distance), or a point lies more
+      than MAX_OUTSIDE_FRACTION of the frame's larger side outside the frame.
+  """
+  p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+  finite = p[np.isfinite(p).all(axis=1)]
+  if len(finite) == 0:
+    return points
+  if np.all(finite.max(axis=0) - finite.min(axis=0) == 0):
+    x, y = finite[0]
+    raise format_error(source, "landmarks.points",
+                       "68 distinct points spanning a face",
+                       f"all {len(finite)} points at (x={x:g}, y={y:g})",
+                       reason="landmarks")
+  h, w = int(frame_shape[0]), int(frame_shape[1])
+  slack = MAX_OUTSIDE_FRACTION * max(h, w)
+  lo = np.array([-0.5 - slack, -0.5 - slack])
+  hi = np.array([w - 0.5 + slack, h - 0.5 + slack])
+  far = np.flatnonzero(((finite < lo) | (finite > hi)).any(axis=1))
+  if far.size:
+    idx = np.flatnonzero(np.isfinite(p).all(axis=1))[far]
+    x, y = p[idx[0]]
+    raise format_error(
+        source, f"landmarks.points[{int(idx[0])}]",
+        f"points within the {w}x{h} frame (up to {slack:g} px outside)",
+        f"{idx.size} point(s) far off the frame, first (x={x:g}, y={y:g})",
+        reason="landmarks")
+  return points
+
+
 def check_crop_mode(crop_mode: str) -> str:
   if crop_mode not in CROP_MODES:
     raise format_error("builder config", "crop_mode",
@@ -254,6 +301,9 @@ def frame_to_crop(points: np.ndarray, box: Sequence[float], size: int
   """Frame pixel-centre (x, y) -> crop (x, y). ``(..., 2)`` -> ``(..., 2)``."""
   p = np.asarray(points, dtype=np.float64)
   x0, y0, x1, y1 = (float(v) for v in box)
+  if not (x1 > x0 and y1 > y0):
+    raise ValueError(f"crop box {tuple(box)} has no area (x1 <= x0 or "
+                     "y1 <= y0); see check_points for its usual cause")
   sx, sy = size / (x1 - x0), size / (y1 - y0)
   return np.stack([(p[..., 0] + 0.5 - x0) * sx - 0.5,
                    (p[..., 1] + 0.5 - y0) * sy - 0.5], axis=-1)
@@ -325,6 +375,7 @@ def make_example(grey_frame: np.ndarray, landmarks: np.ndarray, *,
     subject, sequence, frame, pose, glasses, file_name: stored as is;
       `frontal` is derived as ``pose == 0``.
   """
+  check_points(landmarks, np.shape(grey_frame), source=file_name)
   if box is None:
     box = crop_box(landmarks, margin)
   crop = crop_and_resize(grey_frame, box, crop_size)

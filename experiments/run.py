@@ -44,6 +44,26 @@ def _define_flags() -> None:
 
 
 _define_flags()
+flags.DEFINE_boolean(
+    "traceback", False,
+    "On a data, config or resource error print the full Python traceback "
+    "instead of the one-line 'error: ...' message.")
+
+# Errors that are the input's fault, not the code's: without --traceback they
+# end the run as one line. Named, not imported, so the check never imports
+# (or fails to import) a module the failing run did not reach.
+_USER_ERRORS = frozenset({
+    "tml.config.ConfigError",
+    "tml.run_config_guard.ConfigMismatch",
+    "tml.provenance.DatasetChanged",
+    "tml.input_pipeline.DatasetIncomplete",
+    "tml.landmarks.LandmarkFormatError",
+    "tml.facebox.FaceBoxError",
+    "tml.train.TrainingDiverged",
+    "data_prep.expression_common.ExpressionDataError",
+    "data_prep.thermal_common.ThermalFormatError",
+    "data_prep.label68.io.LandmarkFileError",
+})
 
 
 def expand_flagfiles(argv: list[str], _seen: tuple = (), _base: pathlib.Path | None = None
@@ -103,29 +123,60 @@ def _quiet_logging() -> None:
   tfds.disable_progress_bar()
 
 
+def user_error(exc: BaseException) -> BaseException | None:
+  """The input error behind ``exc`` (itself or its ``raise ... from`` cause):
+  a data-format, config or resource (OSError: disk, permissions, missing
+  file) error, or a ValueError whose message names a flag; else None."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    names = {f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__}
+    if (names & _USER_ERRORS or isinstance(exc, OSError)
+        or (isinstance(exc, ValueError) and str(exc).startswith("--"))):
+      return exc
+    exc = exc.__cause__
+  return None
+
+
+def error_line(exc: BaseException) -> str:
+  """``error: <message>`` for a user error (see `user_error`)."""
+  if isinstance(exc, OSError) and exc.strerror and exc.filename:
+    return f"error: {exc.filename}: {exc.strerror}"
+  return f"error: {exc}"
+
+
 def main(argv):
+  try:
+    _main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    cause = None if FLAGS.traceback else user_error(e)
+    if cause is None:
+      raise
+    sys.exit(error_line(cause))
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _quiet_logging()
   from tml import input_pipeline, models  # after flag parsing: jax starts here
-  try:
-    cfg = config_lib.validate(
-        config_from_flags(), known_models=models.model_names(),
-        known_datasets=input_pipeline.dataset_names())
-  except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
+  kinds = {n: input_pipeline.dataset_info(n).kind
+           for n in input_pipeline.dataset_names()}
+  cfg = config_lib.validate(
+      config_from_flags(), known_models=models.model_names(),
+      known_datasets=input_pipeline.dataset_names(), dataset_kinds=kinds)
   if cfg.multihost:
     from tml import parallel
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes,
                                     cfg.process_id)
+  import jax  # after the distributed start: it fixes the device count
+  cfg = config_lib.validate(cfg, num_devices=jax.device_count())
   from tml import train
   try:
     results = train.train_and_evaluate(cfg)
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)
-  except train.TrainingDiverged as e:
-    sys.exit(f"error: {e}")
   keys = ("nme_inter_pupil", "mean_shape_nme_inter_pupil", "emotion_accuracy")
   summary = ", ".join(f"{k}={results[k]:.2f}" for k in keys
                       if isinstance(results.get(k), (int, float)))

@@ -143,8 +143,24 @@ _CHOICES = {
 TEST_SETS = ("test", "private_test", "public_test", "public_private", "holdout")
 
 
-def validate(cfg: Config, *, known_models=(), known_datasets=()) -> Config:
-  """Raises ConfigError naming the flag for any value that cannot work."""
+# The kind of dataset ("thermal": Chu, "expression": DeVries) each model is
+# built for: its input size and heads follow that kind's protocol.
+MODEL_DATA_KINDS = {"chu_unet": "thermal", "basic_cnn": "thermal",
+                    "devries": "expression"}
+
+
+def validate(cfg: Config, *, known_models=(), known_datasets=(),
+             dataset_kinds=None, num_devices=None) -> Config:
+  """Raises ConfigError naming the flag for any value that cannot work.
+
+  Args:
+    cfg: the config.
+    known_models, known_datasets: registered names (unchecked when empty).
+    dataset_kinds: ``{dataset: "thermal" | "expression"}``; with it a model
+      on the wrong kind of dataset is refused (MODEL_DATA_KINDS).
+    num_devices: all devices of all processes; with it the global batch
+      sizes must divide evenly over them.
+  """
   def bad(flag, msg):
     raise ConfigError(f"--{flag}={getattr(cfg, flag)!r}: {msg}")
 
@@ -201,4 +217,17 @@ def validate(cfg: Config, *, known_models=(), known_datasets=()) -> Config:
     bad("lr_final_fraction", "expected a fraction in [0, 1]")
   if cfg.lr_schedule == "step" and cfg.lr_step_epochs <= 0:
     bad("lr_step_epochs", "--lr_schedule=step needs a positive step interval")
+  kind = (dataset_kinds or {}).get(cfg.dataset)
+  wanted = MODEL_DATA_KINDS.get(cfg.model)
+  if kind and wanted and kind != wanted:
+    models = sorted(m for m, k in MODEL_DATA_KINDS.items() if k == kind)
+    datasets = sorted(d for d, k in dataset_kinds.items() if k == wanted)
+    bad("model", f"is built for {wanted} datasets ({', '.join(datasets)}), "
+        f"but --dataset={cfg.dataset} is a {kind} dataset; use "
+        f"--model={' or --model='.join(models)}")
+  if num_devices:
+    for flag in ("batch_size", "eval_batch_size"):
+      if getattr(cfg, flag) % num_devices:
+        bad(flag, f"the global batch must be divisible by the number of "
+            f"devices ({num_devices}); use a multiple of {num_devices}")
   return cfg

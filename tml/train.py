@@ -35,6 +35,7 @@ from tml import run_config_guard
 from tml import train_step as step_lib
 from tml import writers
 from tml.config import Config
+from tml.config import ConfigError
 
 log = logging.getLogger("tml")
 
@@ -254,6 +255,9 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
     state, meta = _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt,
                               writer, progress, steps_per_epoch, total,
                               step_offset, select_fn, best, stage_dir)
+  except TrainingDiverged as e:
+    ckpt.wait()   # an async save in flight counts once it has landed
+    raise TrainingDiverged(f"{e}; {_kept_checkpoint(ckpt, stage_dir)}") from None
   finally:
     # Also on divergence or preemption: in-flight async saves must land
     # before anyone reads the directory again.
@@ -312,7 +316,17 @@ def _guard(state, split, stage):
     raise TrainingDiverged(
         f"{split.name}/{stage.name}: non-finite {', '.join(names)} at step "
         f"{first + 1}; the update was not applied and nothing after it was "
-        f"saved; the last good checkpoint is kept")
+        f"saved")
+
+
+def _kept_checkpoint(ckpt, stage_dir) -> str:
+  """What a NaN stop leaves behind, for its message (after ``ckpt.wait()``)."""
+  last = ckpt.latest_step()
+  if last is None:
+    return (f"no checkpoint of this stage was written yet (none in "
+            f"{stage_dir / 'checkpoints'}); a rerun starts the stage afresh")
+  return (f"kept: the last good checkpoint, step {last}, in "
+          f"{stage_dir / 'checkpoints'}")
 
 
 # =============================================================================
@@ -332,6 +346,9 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
   t0 = time.time()
   data = protocol.load(cfg)
   log.info("loaded %s in %.1fs", cfg.dataset, time.time() - t0)
+  # Before any split is trained: only the run info is written so far, which
+  # the config guard does not count as results, so the fixed rerun starts.
+  _check_batch_fits(cfg, data)
   model = build_model(cfg, data)
   task = build_task(cfg, data)
   stages = build_stages(cfg, data)
@@ -345,6 +362,8 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
       res = json.loads(done_file.read_text())
       per_split.append(res)
       log.info("%s: already done (%s)", split.name, done_file)
+      if is_main:
+        grid = _merge_report_data(curves, grid, split_dir)
       continue
     split = _prepare_arrays(cfg, data, split)
     params = models.init_params(model, (1, task.input_size, task.input_size, 1),
@@ -394,20 +413,24 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
       res.update(ridge_nme_inter_pupil=rb["ridge_nme_inter_pupil"],
                  ridge_lambda=rb["ridge_lambda"])
     if is_main:
-      report.write_results(split_dir, res)
+      split_curves, split_grid = {}, None
       if "landmarks" in preds:
         gt = split.test["landmarks"][split.test_idx]
-        curves[f"{cfg.model} ({split.name})"] = metrics_lib.per_image_nme(
+        split_curves[f"{cfg.model} ({split.name})"] = metrics_lib.per_image_nme(
             preds["landmarks"], gt, "inter_pupil")
         if train_lms is not None:
-          curves.setdefault("mean shape", metrics_lib.per_image_nme(
-              np.broadcast_to(train_lms.mean(0), gt.shape), gt, "inter_pupil"))
+          split_curves["mean shape"] = metrics_lib.per_image_nme(
+              np.broadcast_to(train_lms.mean(0), gt.shape), gt, "inter_pupil")
         if ridge_per_image is not None:
-          curves.setdefault("pixel ridge", ridge_per_image / 100.0)
-        if grid is None:
-          n = min(cfg.num_plot_images, len(split.test_idx))
-          grid = (split.test["image"][split.test_idx[:n]],
-                  preds["landmarks"][:n], gt[:n])
+          split_curves["pixel ridge"] = ridge_per_image / 100.0
+        n = min(cfg.num_plot_images, len(split.test_idx))
+        split_grid = (split.test["image"][split.test_idx[:n]],
+                      preds["landmarks"][:n], gt[:n])
+      # results.json marks the split done, so it goes last: a split killed
+      # before it is redone, and a done split can always be re-plotted.
+      _save_report_data(split_dir, split_curves, split_grid)
+      report.write_results(split_dir, res)
+      grid = _merge_report_data(curves, grid, split_dir)
     per_split.append(res)
 
   results = report.aggregate_splits(per_split)
@@ -415,9 +438,49 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
                  stages=[s.name for s in stages], num_devices=jax.device_count(),
                  config=cfg.to_dict())
   if is_main:
-    report.write_results(workdir, results)
     _write_tables_and_plots(cfg, workdir, results, curves, grid)
+    report.write_results(workdir, results)   # last: the report is complete
   return results
+
+
+_REPORT_DATA = "report_data.npz"
+
+
+def _save_report_data(split_dir: pathlib.Path, curves: dict, grid) -> None:
+  """A split's plot inputs (per-image NME curves, landmark grid), atomically.
+
+  Written before the split's results.json, so a run killed while its report
+  is being drawn still has what the rerun needs to redraw it.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  arrays = {f"curve_{i}": np.asarray(v, np.float64)
+            for i, v in enumerate(curves.values())}
+  arrays["curve_names"] = np.asarray(list(curves), dtype=str)
+  if grid is not None:
+    arrays.update(grid_image=grid[0], grid_pred=grid[1], grid_gt=grid[2])
+  split_dir.mkdir(parents=True, exist_ok=True)
+  tmp = split_dir / (_REPORT_DATA + ".tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, split_dir / _REPORT_DATA)
+
+
+def _merge_report_data(curves: dict, grid, split_dir: pathlib.Path):
+  """Adds a split's saved plot inputs to ``curves`` (first split's mean-shape
+  and ridge curves win); returns the grid (the first split's)."""
+  path = split_dir / _REPORT_DATA
+  if not path.exists():   # a split finished before report data was saved
+    log.warning("%s: no %s; its curves are left out of ced.png", split_dir.name,
+                _REPORT_DATA)
+    return grid
+  with np.load(path) as z:
+    for i, name in enumerate(z["curve_names"].tolist()):
+      curves.setdefault(str(name), z[f"curve_{i}"])
+    if grid is None and "grid_image" in z.files:
+      grid = (z["grid_image"], z["grid_pred"], z["grid_gt"])
+  return grid
 
 
 def _ridge_baseline(split: protocol.SplitData) -> dict[str, Any]:
@@ -451,6 +514,18 @@ def _make_select_fn(cfg, model, task, split, data, mesh, eval_step):
       ckpt.close()
     return best, acc
   return select
+
+
+def _check_batch_fits(cfg: Config, data: protocol.Dataset) -> None:
+  """ConfigError unless every split's training set holds one full batch
+  (batches drop the remainder, so a smaller set gives epochs of 0 steps)."""
+  for split in protocol.splits(cfg, data):
+    n = len(split.train_idx)
+    if n < cfg.batch_size:
+      raise ConfigError(
+          f"--batch_size={cfg.batch_size}: larger than the {n} training "
+          f"images of {split.name} ({cfg.dataset}); an epoch needs one full "
+          f"batch, so use --batch_size={max(1, n)} or less")
 
 
 def _restore_best(stage_dir: pathlib.Path, params_template):

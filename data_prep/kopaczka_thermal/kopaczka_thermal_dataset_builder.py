@@ -24,6 +24,10 @@ face-like warm region is a `ThermalFormatError` with reason 'face_box'
 (skipped and counted under ``skip_bad``); ``info.metadata`` counts the frames
 whose landmarks fall partly outside their face-box crop, the first thing to
 check on real frames.
+Landmarks that cannot be a face (all 68 points at one spot, or points far
+off the frame: `thermal_common.check_points`) are a `ThermalFormatError`
+with reason 'landmarks' naming the LJSON file (skipped and counted under
+``skip_bad``).
 
   # for a user with the database in /data/kopaczka, build and train:
   python -m experiments.run --flagfile=chu.flags \
@@ -206,6 +210,7 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
     image = reader.load_image(frame.image_path)
     grey = thermal_common.to_unit_grey(image, cfg.t_min, cfg.t_max,
                                        source=frame.image_path)
+    thermal_common.check_points(points, grey.shape, source=frame.ljson_path)
     box = thermal_common.choose_box(grey, points, cfg.crop_mode, cfg.margin,
                                     source=frame.image_path)
     example = thermal_common.make_example(

@@ -86,16 +86,26 @@ def load_mat(path: str | os.PathLike, transpose_images: bool = False
       ``records``).
   """
   import scipy.io  # pylint: disable=g-import-not-at-top
+  from scipy.io import matlab  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ExpressionDataError(
+        f"{path}: no such file; expected the TFD MATLAB file {MAT_NAME}",
+        field="file")
   try:
     mat = scipy.io.loadmat(path)
   except NotImplementedError:
     raise ExpressionDataError(
         f"{path}: MATLAB v7.3 (HDF5) file; expected MATLAB v5 (re-save in "
         "MATLAB with save(..., '-v7'))", field="file") from None
-  except (OSError, ValueError, TypeError) as e:
-    raise ExpressionDataError(f"{path}: not a readable MATLAB v5 file ({e})",
-                              field="file") from None
+  except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError,
+          matlab.MatReadError) as e:
+    # scipy's parser fails on foreign bytes with whatever it trips over
+    # (MatReadError, IndexError, TypeError, ...): all mean "not a .mat".
+    raise ExpressionDataError(
+        f"{path}: not a readable MATLAB v5 file ({type(e).__name__}: {e}); "
+        f"expected {MAT_NAME} as distributed (MATLAB v5 .mat)",
+        field="file") from None
   missing = [k for k in ("images", "labs_ex", "labs_id", "folds")
              if k not in mat]
   if missing:

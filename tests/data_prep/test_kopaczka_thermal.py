@@ -455,3 +455,59 @@ def test_a_frame_without_a_warm_face_fails_or_is_skipped(database, tmp_path):
   # The landmark-extent mode needs no face box.
   assert len(_build(manual, tmp_path / "lm", crop_mode="landmarks")
              .as_data_source("train")) == 6
+
+
+# ----------------------------------------------------------------------------
+# Landmarks that cannot be a face (issue 11, item 6).
+# ----------------------------------------------------------------------------
+
+def _rewrite_points(m, change):
+  name = _first(m, ".ljson")
+  path = os.path.join(m, name)
+  with open(path) as f:
+    doc = json.load(f)
+  doc["landmarks"]["points"] = change(np.asarray(doc["landmarks"]["points"],
+                                                 dtype=np.float64)).tolist()
+  with open(path, "w") as f:
+    json.dump(doc, f)
+  return name
+
+
+@pytest.mark.parametrize("crop_mode", ["facebox", "landmarks"])
+def test_identical_points_name_the_file(database, tmp_path, crop_mode):
+  manual = str(tmp_path / "manual")
+  shutil.copytree(database[0], manual)
+  name = _rewrite_points(manual, lambda p: np.full_like(p, 100.0))
+  with pytest.raises(ValueError, match=rf"{name}: field 'landmarks.points': "
+                     r"expected 68 distinct points.*all 68 points at"):
+    _build(manual, tmp_path / "tfds", crop_mode=crop_mode)
+  _assert_nothing_prepared(tmp_path / "tfds")
+
+
+def test_points_far_off_the_frame_name_the_file(database, tmp_path):
+  manual = str(tmp_path / "manual")
+  shutil.copytree(database[0], manual)
+  name = _rewrite_points(manual, lambda p: p + 1e6)
+  with pytest.raises(ValueError, match=rf"{name}: field 'landmarks.points\[0\]'"
+                     r": expected points within the .*68 point\(s\) far off"):
+    _build(manual, tmp_path / "tfds")
+  _assert_nothing_prepared(tmp_path / "tfds")
+
+
+def test_impossible_points_are_skipped_and_counted_under_skip_bad(
+    database, tmp_path):
+  manual = str(tmp_path / "manual")
+  shutil.copytree(database[0], manual)
+  names = sorted(n for n in os.listdir(manual) if n.endswith(".ljson"))
+  for name, change in ((names[0], lambda p: np.full_like(p, 7.0)),
+                       (names[1], lambda p: p + 1e6)):
+    path = os.path.join(manual, name)
+    with open(path) as f:
+      doc = json.load(f)
+    doc["landmarks"]["points"] = change(
+        np.asarray(doc["landmarks"]["points"], dtype=np.float64)).tolist()
+    with open(path, "w") as f:
+      json.dump(doc, f)
+  builder = _build(manual, tmp_path / "tfds", skip_bad=True)
+  assert len(builder.as_data_source("train")) == 4
+  assert builder.info.metadata["skipped_by_reason"] == {"landmarks": 2}

@@ -159,3 +159,26 @@ def test_landmark_join(tmp_path, mat_file):
     for i, ex in _examples(builder, split).items():
       assert ex["has_landmarks"] == found[i]
       assert ex["landmarks"][0, 0] == (24.5 if found[i] else 0.0)
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"\0" * 200, b"hello world, not a mat file",
+    b"\x89PNG\r\n\x1a\n" + b"\x01" * 300,
+    b"MATLAB 5.0 MAT-file" + b"\x07" * 200,
+], ids=["empty", "zeros", "text", "png", "bad_header"])
+def test_a_file_that_is_not_a_mat_names_the_file(tmp_path, content):
+  """Issue 11, item 8: scipy's MatReadError (and kin) name no file."""
+  path = tmp_path / "TFD_48x48.mat"
+  path.write_bytes(content)
+  with pytest.raises(common.ExpressionDataError,
+                     match="not a readable MATLAB v5 file") as err:
+    reader.load_mat(path)
+  assert str(path) in str(err.value)
+  assert "\n" not in str(err.value)
+
+
+def test_a_missing_mat_names_the_file(tmp_path):
+  path = tmp_path / "TFD_48x48.mat"
+  with pytest.raises(common.ExpressionDataError, match="no such file") as err:
+    reader.load_mat(path)
+  assert str(path) in str(err.value)

@@ -201,3 +201,48 @@ def test_make_example_with_a_given_box_and_points_outside():
   inside = np.all((pts > lo) & (pts < hi), axis=1)
   assert tc.points_outside(ex["landmarks"], 32) == int(np.sum(~inside)) > 0
   assert tc.points_outside(np.full((68, 2), 16.0), 32) == 0
+
+
+# ----------------------------------------------------------------------------
+# Landmarks that cannot be a face (issue 11, item 6).
+# ----------------------------------------------------------------------------
+
+def _a_face():
+  rng = np.random.default_rng(0)
+  return rng.uniform(40, 80, size=(68, 2))
+
+
+def test_check_points_accepts_a_face_and_points_just_outside():
+  p = _a_face()
+  assert tc.check_points(p, (120, 160), source="f.ljson") is p
+  p[0] = (-30.0, 10.0)   # a jaw point past the border: a real annotation
+  p[1] = (np.nan, np.nan)  # missing points are the caller's business
+  tc.check_points(p, (120, 160), source="f.ljson")
+
+
+def test_check_points_refuses_identical_points_naming_the_file():
+  with pytest.raises(tc.ThermalFormatError, match=r"f\.ljson: field "
+                     r"'landmarks.points': expected 68 distinct") as e:
+    tc.check_points(np.full((68, 2), 50.0), (120, 160), source="f.ljson")
+  assert e.value.reason == "landmarks"
+
+
+def test_check_points_refuses_points_far_off_the_frame():
+  with pytest.raises(tc.ThermalFormatError, match=r"f\.ljson: field "
+                     r"'landmarks.points\[0\]'.*68 point\(s\) far off") as e:
+    tc.check_points(_a_face() + 1e6, (120, 160), source="f.ljson")
+  assert e.value.reason == "landmarks"
+
+
+def test_make_example_refuses_identical_points_not_zero_division():
+  grey = np.zeros((120, 160), np.float32)
+  with pytest.raises(tc.ThermalFormatError, match=r"irface_x\.png: field "
+                     r"'landmarks.points'"):
+    tc.make_example(grey, np.full((68, 2), 50.0), crop_size=16, margin=0.25,
+                    emotion=0, subject=1, sequence=1, frame=1, pose=0,
+                    glasses=False, file_name="irface_x.png")
+
+
+def test_frame_to_crop_refuses_a_box_without_area():
+  with pytest.raises(ValueError, match="has no area"):
+    tc.frame_to_crop(np.zeros((68, 2)), (5.0, 5.0, 5.0, 5.0), 16)
