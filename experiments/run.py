@@ -177,10 +177,15 @@ def _main(argv):
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)
-  keys = ("nme_inter_pupil", "mean_shape_nme_inter_pupil", "emotion_accuracy")
+  keys = ("nme_inter_pupil", "mean_shape_nme_inter_pupil", "ridge_nme_inter_pupil",
+          "emotion_accuracy")
   summary = ", ".join(f"{k}={results[k]:.2f}" for k in keys
                       if isinstance(results.get(k), (int, float)))
   print(f"done: {summary}; results in {os.path.join(cfg.workdir, 'results.json')}")
+  made = [n for n in ("results.md", "loss_curves.png", "ced.png", "test_landmarks.png")
+          if os.path.exists(os.path.join(cfg.workdir, n))]
+  if made:
+    print(f"tables and plots: {', '.join(os.path.join(cfg.workdir, n) for n in made)}")
 
 
 def run() -> None:
