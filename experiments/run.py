@@ -188,7 +188,25 @@ def _main(argv):
     print(f"tables and plots: {', '.join(os.path.join(cfg.workdir, n) for n in made)}")
 
 
+# XLA:CPU flags measured faster for our steps (BENCHMARKS.md): YNNPACK's
+# convolution filter gradients are slow, so keep convolutions on Eigen
+# (DeVries step 1.7x faster on an AMD EPYC, 1.24x on an Intel Xeon, both 2
+# cores). Set before JAX starts, only where the user's XLA_FLAGS do not
+# decide it; run_info.json records the XLA_FLAGS in force.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
+
+
+def set_default_cpu_flags(environ=os.environ) -> list[str]:
+  """Adds CPU_XLA_FLAGS the user has not set to ``XLA_FLAGS``; returns them."""
+  current = environ.get("XLA_FLAGS", "")
+  added = [f for f in CPU_XLA_FLAGS if f.split("=", 1)[0] not in current]
+  if added:
+    environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+  return added
+
+
 def run() -> None:
+  set_default_cpu_flags()
   app.run(main, argv=expand_flagfiles(sys.argv))
 
 
