@@ -93,3 +93,39 @@ def test_schedules_against_hand_computed_values():
       0.1, 0.1, 0.05, 0.05, 0.025, 0.0125]
   c = train_step.make_schedule(0.02, kind="constant", steps_per_epoch=10, total_steps=50)
   assert float(c(0)) == float(c(49)) == pytest.approx(0.02)
+
+
+def test_last_params_on_the_paper_test_set_and_its_backfill(tmp_path, monkeypatch):
+  """With PublicTest selection the last parameters are also scored on all
+  test images; backfill_last recomputes that from the final checkpoint."""
+  from experiments import devries_tables
+  from tests.test_train import _fake_expression
+  from tml import protocol
+  monkeypatch.setattr(protocol, "load", lambda cfg: _fake_expression())
+  cfg = config_lib.validate(config_lib.Config(
+      dataset="fer2013", model="devries", optimizer="sgd", learning_rate=0.01,
+      emotion_loss="xent", fc_width=32, splits=(0, 1), batch_size=16, map_head=False,
+      eval_batch_size=8, stage1_epochs=0, stage2_epochs=2, eval_every_epochs=1,
+      log_every_steps=1, checkpoint_every_steps=100, workdir=str(tmp_path / "run")))
+  results = train.train_and_evaluate(cfg)
+  want = [s["evaluations"]["last/public_private"]["emotion_accuracy"]
+          for s in results["per_split"]]
+  # Strip it, as in runs made before it existed, and backfill.
+  work = pathlib.Path(cfg.workdir)
+  for name in ("init_0", "init_1"):
+    f = work / name / "results.json"
+    one = json.loads(f.read_text())
+    del one["evaluations"]["last/public_private"]
+    f.write_text(json.dumps(one))
+  agg = json.loads((work / "results.json").read_text())
+  for s in agg["per_split"]:
+    del s["evaluations"]["last/public_private"]
+  (work / "results.json").write_text(json.dumps(agg))
+  assert devries_tables.backfill_last(work) == 2
+  again = json.loads((work / "results.json").read_text())
+  got = [s["evaluations"]["last/public_private"]["emotion_accuracy"]
+         for s in again["per_split"]]
+  assert got == pytest.approx(want, abs=1e-6)
+  assert again["evaluations"]["last/public_private"]["emotion_accuracy"] == pytest.approx(
+      np.mean(want))
+  assert devries_tables.backfill_last(work) == 0

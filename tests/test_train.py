@@ -267,7 +267,9 @@ def test_expression_loop_selects_on_public_test_and_reports_private(tmp_path, mo
   assert split["test_set"] == "private_test"
   # The selected parameters on PrivateTest, and the last ones (which never
   # saw PublicTest) on it too; never the selected ones on PublicTest.
-  assert set(split["evaluations"]) == {"selected/private_test", "last/private_test"}
+  assert set(split["evaluations"]) == {"selected/private_test", "last/private_test",
+                                       "last/public_private"}
+  assert split["evaluations"]["last/public_private"]["num_test_images"] == 32
   assert (split["evaluations"]["selected/private_test"]["emotion_accuracy"]
           == split["emotion_accuracy"])
   assert split["selected_by"] == "public_test"

@@ -42,6 +42,10 @@ class SplitData:
   select_name: str = ""
   # Further reported sets beyond ``test``: name -> (arrays, indices).
   extra_tests: dict = dataclasses.field(default_factory=dict)
+  # Sets reported for the last parameters only: they overlap the selection
+  # set, which the last parameters of a fixed schedule never depend on (FER:
+  # public_private when selecting on PublicTest).
+  last_tests: dict = dataclasses.field(default_factory=dict)
 
   def test_sets(self) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
     """Every reported set, the primary one first."""
@@ -227,10 +231,15 @@ def _fer2013_split(cfg: Config, data: Dataset, r: int) -> SplitData:
     train_idx, select_idx = stratified_holdout(tr["emotion"], cfg.holdout_fraction,
                                                cfg.holdout_seed)
     select, select_name = tr, "holdout"
+  last_tests = {}
+  if sel == "public_test" and "public_private" not in names:
+    pp = _concat(pub, priv)
+    last_tests["public_private"] = (pp, _all(pp))
   return SplitData(f"init_{r}", r, tr, train_idx, tests[first][0], tests[first][1],
                    select=select, select_idx=select_idx, test_name=first,
                    select_name=select_name,
-                   extra_tests={n: v for n, v in tests.items() if n != first})
+                   extra_tests={n: v for n, v in tests.items() if n != first},
+                   last_tests=last_tests)
 
 
 def _all(arrays: dict[str, np.ndarray]) -> np.ndarray:

@@ -139,7 +139,8 @@ def _prepare_arrays(cfg: Config, data: protocol.Dataset, split: protocol.SplitDa
   prep = lambda a: done.setdefault(id(a), apply(norm(a))) if id(a) not in done else done[id(a)]
   out = dataclasses.replace(
       split, train=done[id(split.train)], test=prep(split.test),
-      extra_tests={n: (prep(a), i) for n, (a, i) in split.extra_tests.items()})
+      extra_tests={n: (prep(a), i) for n, (a, i) in split.extra_tests.items()},
+      last_tests={n: (prep(a), i) for n, (a, i) in split.last_tests.items()})
   if split.select is not None:
     out.select = prep(split.select)
   return out
@@ -387,7 +388,8 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
     chosen = "selected" if select_fn is not None else "last"
     for which, p in ((chosen, params),) + (
         (("last", last_params),) if select_fn is not None else ()):
-      for name, (arrays, idx) in split.test_sets().items():
+      sets = dict(split.test_sets(), **(split.last_tests if which == "last" else {}))
+      for name, (arrays, idx) in sets.items():
         preds_ = predict(eval_step, p, arrays, idx, cfg, mesh)
         evaluations[f"{which}/{name}"] = evaluate(preds_, arrays, idx, data, train_lms)
         if first_preds is None:
