@@ -120,9 +120,19 @@ def backfill_last(workdir: pathlib.Path) -> int:
   res = _load(res_file)
   if not res:
     return 0
+  # A split file may already hold it (written by an earlier backfill after
+  # the workdir summary was last written): take it from there.
+  fresh = []
+  for s in res["per_split"]:
+    f = workdir / s["split"] / "results.json"
+    one = json.loads(f.read_text()) if f.exists() else s
+    fresh.append(one if "last/public_private" in one.get("evaluations", {}) else s)
+  res["per_split"] = fresh
   need = {s["split"] for s in res["per_split"]
           if "last/public_private" not in s.get("evaluations", {})}
   if not need:
+    if any(s is not t for s, t in zip(fresh, _load(res_file)["per_split"])):
+      _write_aggregate(workdir, res)
     return 0
   fields = json.loads((workdir / "config.json").read_text())
   fields["splits"] = tuple(fields["splits"])
@@ -159,11 +169,16 @@ def backfill_last(workdir: pathlib.Path) -> int:
     report.write_results(split_file.parent, one)
     res["per_split"] = [one if s["split"] == split.name else s for s in res["per_split"]]
     done += 1
+  _write_aggregate(workdir, res)
+  return done
+
+
+def _write_aggregate(workdir: pathlib.Path, res: dict) -> None:
+  from tml import report
   keep = {k: res[k] for k in ("dataset", "model", "stages", "num_devices", "config") if k in res}
   agg = report.aggregate_splits(res["per_split"])
   agg.update(keep)
   report.write_results(workdir, agg)
-  return done
 
 
 def label_map_stats(landmarks_file: str, zip_path: str, out: pathlib.Path,
