@@ -366,6 +366,10 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
       if is_main:
         grid = _merge_report_data(curves, grid, split_dir)
       continue
+    if data.kind == "expression" and is_main:
+      # Tang's per-pixel statistics travel with the run (tml.predict uses them).
+      from tml import predict as predict_lib
+      predict_lib.save_pixel_stats(split_dir, predict_lib.fit_split_pixel_stats(split))
     split = _prepare_arrays(cfg, data, split)
     params = models.init_params(model, (1, task.input_size, task.input_size, 1),
                                 cfg.seed, split.index)

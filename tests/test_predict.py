@@ -1,0 +1,334 @@
+"""tml.predict: the Predictor and CLI on a run trained for a few steps here."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tml import config as config_lib
+from tml import parallel
+from tml import predict as predict_lib
+from tml import predict_files
+from tml import protocol
+from tml import train
+from tml import train_step as step_lib
+from tests.test_train import N, _fake_expression, _fake_thermal
+
+
+@pytest.fixture(scope="module")
+def thermal_run(tmp_path_factory):
+  """A tiny two-stage Chu run on the fake thermal data, and its test split."""
+  tmp = tmp_path_factory.mktemp("predict")
+  cfg = config_lib.validate(config_lib.Config(
+      image_size=N, unet_depth=2, unet_width=4, fc_width=16, splits=(0,),
+      batch_size=8, eval_batch_size=8, stage1_epochs=1, stage2_epochs=1,
+      learning_rate=1e-3, log_every_steps=50, checkpoint_every_steps=50,
+      num_plot_images=2, workdir=str(tmp / "run")))
+  data = _fake_thermal()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(protocol, "load", lambda cfg: data)
+    train.train_and_evaluate(cfg)
+  split = next(protocol.splits(cfg, data))
+  return cfg, data, split
+
+
+def _eval_reference(cfg, data, split, params):
+  """What the training run's own eval path predicts on its test crops."""
+  model = train.build_model(cfg, data)
+  task = train.build_task(cfg, data)
+  mesh = parallel.make_mesh()
+  eval_step = step_lib.make_eval_step(model, task, mesh)
+  return train.predict(eval_step, params, split.test, split.test_idx, cfg, mesh)
+
+
+def test_predictor_matches_the_eval_path_on_test_crops(thermal_run):
+  cfg, data, split = thermal_run
+  p = predict_lib.Predictor.from_workdir(cfg.workdir)
+  assert p.split == "split_0" and p.kind == "thermal"
+  assert "stage2/checkpoints" in p.source
+  crops = split.test["image"][split.test_idx]
+  out = p.predict(list(crops), detect=False)
+  ref = _eval_reference(cfg, data, split, p.params)
+  got = np.stack([r["landmarks"] for r in out])
+  np.testing.assert_allclose(got, ref["landmarks"], atol=1e-4)
+  probs = np.array([[r["emotion_probs"][c] for c in data.class_names] for r in out])
+  np.testing.assert_allclose(probs, ref["emotion_probs"], atol=1e-5)
+  assert all(r["box"] == [0.0, 0.0, float(N), float(N)] for r in out)
+  assert out[0]["emotion"] in data.class_names
+
+
+def test_landmarks_come_back_in_the_original_frame(thermal_run):
+  cfg, _, split = thermal_run
+  p = predict_lib.Predictor.from_workdir(cfg.workdir, split="split_0")
+  crop = split.test["image"][split.test_idx[0], ..., 0]
+  small = p.predict([crop], detect=False)[0]["landmarks"]
+  # Translation: the crop pasted into a larger frame, box = where it lies.
+  big = np.zeros((40, 50), np.float32)
+  big[5:5 + N, 7:7 + N] = crop
+  moved = p.predict([big], boxes=[(7, 5, 7 + N, 5 + N)])[0]
+  np.testing.assert_allclose(moved["landmarks"], small + [7, 5], atol=1e-4)
+  # Scale: a 2x box; the points are the crop-frame predictions mapped with
+  # the documented edge-coordinate formula (independent of crop_to_frame).
+  up = np.asarray(Image.fromarray(crop).resize((2 * N, 2 * N), Image.BILINEAR))
+  frame = np.zeros((60, 70), np.float32)
+  frame[3:3 + 2 * N, 11:11 + 2 * N] = up
+  box = (11.0, 3.0, 11.0 + 2 * N, 3.0 + 2 * N)
+  rec = p.predict([frame], boxes=[box])[0]
+  from data_prep import thermal_common
+  crop_pts = p.predict_crops(thermal_common.crop_and_resize(frame, box, N)[None])
+  expect = np.asarray(box[:2]) + (crop_pts["landmarks"][0] + 0.5) * (2 * N / N) - 0.5
+  np.testing.assert_allclose(rec["landmarks"], expect, atol=1e-4)
+  # ... and near twice the small prediction (the same face, resampled).
+  assert np.median(np.abs(rec["landmarks"] - (2 * small + [11 + 0.5, 3 + 0.5]))) < 2.0
+
+
+def test_bad_inputs_give_records_and_the_run_continues(thermal_run):
+  cfg, _, split = thermal_run
+  p = predict_lib.Predictor.from_workdir(cfg.workdir)
+  crop = split.test["image"][split.test_idx[0], ..., 0]
+  out = p.predict([np.full((20, 20), 0.5, np.float32), crop,
+                   np.zeros((4, 4, 7)), np.array([["a"]]),
+                   np.where(np.eye(N) > 0, np.nan, crop)], detect=False)
+  assert out[0]["reason"] == "constant"
+  assert "landmarks" in out[1]
+  assert out[2]["reason"] == "bad_shape"
+  assert out[3]["reason"] in ("bad_dtype", "bad_shape")
+  assert out[4]["reason"] == "bad_values"
+  # Temperatures passed as grey are refused, not silently clipped.
+  temps = (20 + 20 * crop).astype(np.float32)
+  assert p.predict([temps], detect=False)[0]["reason"] == "bad_values"
+  np.testing.assert_allclose(
+      p.predict([temps], detect=False, temperature=True)[0]["landmarks"],
+      out[1]["landmarks"], atol=1e-3)
+  noise = np.random.RandomState(0).uniform(size=(64, 64)).astype(np.float32)
+  assert p.predict([noise])[0]["reason"] == "no_face"
+
+
+def _write_inputs(folder: pathlib.Path, crop: np.ndarray) -> dict[str, str]:
+  """One file of each kind; returns name -> expected status."""
+  (folder / "sub").mkdir(parents=True)
+  g = np.clip(crop, 0, 1)
+  Image.fromarray(np.round(g * 255).astype(np.uint8)).save(folder / "grey8.png")
+  Image.fromarray(np.round(g * 65535).astype(np.uint16)).save(folder / "grey16.png")
+  rgb = np.repeat(np.round(g * 255).astype(np.uint8)[..., None], 3, -1)
+  Image.fromarray(rgb).save(folder / "sub" / "rgb.jpg", quality=95)
+  Image.fromarray(np.round(g * 65535).astype(np.uint16)).save(folder / "sub" / "t16.tif")
+  np.save(folder / "temps.npy", (20 + 20 * g).astype(np.float32))
+  (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  data = (folder / "grey8.png").read_bytes()
+  (folder / "truncated.png").write_bytes(data[:len(data) // 2])
+  Image.fromarray(np.full((N, N), 77, np.uint8)).save(folder / "constant.png")
+  return {"grey8.png": "ok", "grey16.png": "ok", "rgb.jpg": "ok", "t16.tif": "ok",
+          "temps.npy": "ok", "corrupt.png": "unreadable",
+          "truncated.png": "unreadable", "constant.png": "constant"}
+
+
+def test_cli_on_a_folder_writes_jsonl_and_a_summary(thermal_run, tmp_path, capsys):
+  cfg, _, split = thermal_run
+  crop = split.test["image"][split.test_idx[0], ..., 0]
+  expected = _write_inputs(tmp_path / "in", crop)
+  rc = predict_lib.main([f"--workdir={cfg.workdir}", str(tmp_path / "in"),
+                         str(tmp_path / "missing.png"), f"--out={tmp_path / 'out'}",
+                         "--no_detect", "--vis", "--csv"])
+  assert rc == 0
+  recs = [json.loads(l) for l in
+          (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+  by_name = {pathlib.Path(r["file"]).name: r for r in recs}
+  assert by_name["missing.png"]["status"] == "unreadable"
+  for name, status in expected.items():
+    assert by_name[name]["status"] == status, (name, by_name[name])
+  ok = [r for r in recs if r["status"] == "ok"]
+  assert all(len(r["outputs"]["landmarks"]) == 68 and r["run_id"] for r in ok)
+  # 8-bit, 16-bit and the temperature array are the same frame: same points.
+  a, b, c = (np.array(by_name[n]["outputs"]["landmarks"])
+             for n in ("grey8.png", "grey16.png", "temps.npy"))
+  np.testing.assert_allclose(a, b, atol=0.05)
+  np.testing.assert_allclose(b, c, atol=0.05)
+  # The overlay draws each point where the record says it is.
+  rec = by_name["grey8.png"]
+  vis = np.asarray(Image.open(rec["vis"]).convert("RGB"))
+  s = predict_files.vis_scale(N, N)
+  assert vis.shape == (N * s, N * s, 3)
+  for x, y in rec["outputs"]["landmarks"]:
+    cx, cy = round((x + 0.5) * s - 0.5), round((y + 0.5) * s - 0.5)
+    if 0 <= cx < N * s and 0 <= cy < N * s:
+      assert tuple(vis[cy, cx]) == predict_files.POINT_COLOUR, (x, y)
+  red = np.all(vis == predict_files.POINT_COLOUR, axis=-1)
+  ys, xs = np.nonzero(red)
+  pts = np.array(rec["outputs"]["landmarks"])
+  centres = np.round((pts + 0.5) * s - 0.5)
+  near = np.min(np.abs(xs[:, None] - centres[None, :, 0]) +
+                np.abs(ys[:, None] - centres[None, :, 1]), axis=1)
+  assert near.max() <= 2 * predict_files.point_radius(s)   # no red away from a point
+  import csv
+  rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+  assert len(rows) == len(recs)
+  row = next(r for r in rows if r["file"] == rec["file"])
+  assert float(row["x30"]) == pytest.approx(rec["outputs"]["landmarks"][30][0])
+  assert float(row["y30"]) == pytest.approx(rec["outputs"]["landmarks"][30][1])
+  assert "vis" not in by_name["corrupt.png"]
+  err = capsys.readouterr().err
+  assert "summary: 9 files: 5 processed, 0 no face, 4 failed" in err
+  # Nothing processable: non-zero exit.
+  assert predict_lib.main([f"--workdir={cfg.workdir}",
+                           str(tmp_path / "in" / "corrupt.png")]) == 1
+
+
+def test_missing_or_half_written_workdir_names_what_is_missing(thermal_run, tmp_path):
+  cfg, _, _ = thermal_run
+  with pytest.raises(predict_lib.WorkdirError, match="no such run directory"):
+    predict_lib.Predictor.from_workdir(tmp_path / "nope")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(predict_lib.WorkdirError, match="config.json: missing"):
+    predict_lib.Predictor.from_workdir(tmp_path / "empty")
+  half = tmp_path / "half"
+  (half / "split_0" / "stage2" / "checkpoints" / "3.orbax-checkpoint-tmp").mkdir(parents=True)
+  (half / "config.json").write_text(
+      (pathlib.Path(cfg.workdir) / "config.json").read_text())
+  with pytest.raises(predict_lib.WorkdirError, match="no complete checkpoint"):
+    predict_lib.Predictor.from_workdir(half)
+  with pytest.raises(predict_lib.WorkdirError, match="split_9.*missing"):
+    predict_lib.Predictor.from_workdir(cfg.workdir, split="split_9")
+  assert predict_lib.main([f"--workdir={tmp_path / 'empty'}", "x.png"]) == 2
+
+
+def test_export_round_trip_without_orbax(thermal_run, tmp_path, monkeypatch):
+  cfg, _, split = thermal_run
+  p = predict_lib.Predictor.from_workdir(cfg.workdir)
+  path = p.export(tmp_path / "model.npz")
+  import orbax.checkpoint as ocp
+  monkeypatch.setattr(ocp, "StandardCheckpointer", None)   # not used on this path
+  q = predict_lib.Predictor.from_workdir(path)
+  crops = list(split.test["image"][split.test_idx[:4]])
+  a = p.predict(crops, detect=False)
+  b = q.predict(crops, detect=False)
+  for ra, rb in zip(a, b):
+    np.testing.assert_array_equal(ra["landmarks"], rb["landmarks"])
+    assert ra["emotion_probs"] == rb["emotion_probs"]
+  assert q.run_id == p.run_id and q.split == p.split
+
+
+def test_expression_run_pixel_stats_saved_or_recomputed(tmp_path, monkeypatch):
+  data = _fake_expression()
+  monkeypatch.setattr(protocol, "load", lambda cfg: data)
+  cfg = config_lib.validate(config_lib.Config(
+      dataset="fer2013", model="devries", optimizer="sgd", learning_rate=0.01,
+      batch_size=8, eval_batch_size=8, stage1_epochs=0, stage2_epochs=1,
+      splits=(0,), log_every_steps=50, checkpoint_every_steps=50,
+      num_plot_images=2, workdir=str(tmp_path / "run")))
+  train.train_and_evaluate(cfg)
+  split = next(protocol.splits(cfg, data))
+  # No saved stats yet: recomputed from the (here faked) dataset of config.json.
+  p = predict_lib.Predictor.from_workdir(cfg.workdir)
+  assert "stage2/best" in p.source   # selected on PublicTest
+  prepared = train._prepare_arrays(cfg, data, split)   # pylint: disable=protected-access
+  model, task = train.build_model(cfg, data), train.build_task(cfg, data)
+  mesh = parallel.make_mesh()
+  ref = train.predict(step_lib.make_eval_step(model, task, mesh), p.params,
+                      prepared.test, prepared.test_idx, cfg, mesh)
+  raw = split.test["image"][split.test_idx]
+  out = p.predict(list(raw), detect=False)
+  probs = np.array([[r["emotion_probs"][c] for c in data.class_names] for r in out])
+  np.testing.assert_allclose(probs, ref["emotion_probs"], atol=1e-4)
+  assert out[0]["emotion"] in data.class_names and "landmarks" not in out[0]
+  # Faces found with dlib's HOG detector: none in noise.
+  noise = np.random.RandomState(0).randint(0, 255, (64, 64)).astype(np.uint8)
+  assert p.predict([noise])[0]["reason"] in ("no_face", "no_detector")
+  # Saved stats are used without the dataset; without either, a clear error.
+  predict_lib.save_pixel_stats(pathlib.Path(cfg.workdir) / p.split,
+                               predict_lib.fit_split_pixel_stats(split))
+  def no_data(cfg):
+    raise FileNotFoundError("dataset not prepared")
+  monkeypatch.setattr(protocol, "load", no_data)
+  q = predict_lib.Predictor.from_workdir(cfg.workdir)
+  np.testing.assert_array_equal(q.pixel_stats.mean, p.pixel_stats.mean)
+  (pathlib.Path(cfg.workdir) / p.split / predict_lib.PIXEL_STATS).unlink()
+  with pytest.raises(predict_lib.WorkdirError, match="per-pixel statistics"):
+    predict_lib.Predictor.from_workdir(cfg.workdir)
+
+
+def _rendered_frame():
+  """One synthetic thermal frame in degrees C (the builder's renderer)."""
+  from data_prep.synthetic_thermal import render, scene
+  from data_prep.synthetic_thermal import synthetic_thermal_dataset_builder as stb
+  frame = (256, 192)
+  spec = [s for s in stb.frame_specs(stb.SyntheticThermal.builder_configs["default"])
+          if s.pose == 0][0]
+  traits = scene.subject_traits(0, spec.subject, 0.0, "narrow")
+  face, thermal, rng = scene.frame_scene(0, spec, traits, frame)
+  temps = render.render(face, thermal, render.Grid.full_frame(*frame, step=1.0),
+                        frame, rng)
+  return np.asarray(temps, np.float32)
+
+
+def test_thermal_face_box_detection_and_user_boxes(thermal_run, tmp_path, capsys):
+  cfg, _, _ = thermal_run
+  from data_prep import thermal_common
+  from tml import facebox
+  p = predict_lib.Predictor.from_workdir(cfg.workdir)
+  temps = _rendered_frame()
+  grey = thermal_common.to_unit_grey(temps)
+  rec = p.predict([temps], temperature=True)[0]
+  box = facebox.find_face_box(grey)
+  np.testing.assert_allclose(rec["box"], box, atol=1e-6)
+  # The points are the crop's predictions mapped into the frame.
+  crop = thermal_common.crop_and_resize(grey, box, N)
+  in_crop = p.predict_crops(crop[None])["landmarks"][0]
+  np.testing.assert_allclose(
+      rec["landmarks"], thermal_common.crop_to_frame(in_crop, box, N), atol=1e-4)
+  # CLI: the .npy temperatures with detection, and a user box from JSON.
+  np.save(tmp_path / "frame.npy", temps)
+  np.save(tmp_path / "boxed.npy", temps)
+  user = [10.0, 20.0, 110.0, 120.0]
+  (tmp_path / "boxes.json").write_text(json.dumps({"boxed.npy": user}))
+  assert predict_lib.main([f"--workdir={cfg.workdir}", str(tmp_path / "*.npy"),
+                           f"--boxes={tmp_path / 'boxes.json'}",
+                           f"--out={tmp_path / 'out'}"]) == 0
+  recs = {pathlib.Path(r["file"]).name: r for r in map(json.loads, (
+      tmp_path / "out" / "predictions.jsonl").read_text().splitlines())}
+  np.testing.assert_allclose(recs["frame.npy"]["box"], box, atol=1e-6)
+  np.testing.assert_allclose(recs["frame.npy"]["outputs"]["landmarks"],
+                             rec["landmarks"], atol=1e-4)
+  assert recs["boxed.npy"]["box"] == user
+  assert "2 processed" in capsys.readouterr().err
+
+
+def test_module_entry_point_exports_and_predicts(thermal_run, tmp_path):
+  import subprocess
+  import sys
+  cfg, _, split = thermal_run
+  crop = split.test["image"][split.test_idx[0], ..., 0]
+  Image.fromarray(np.round(np.clip(crop, 0, 1) * 255).astype(np.uint8)).save(
+      tmp_path / "a.png")
+  out = subprocess.run(
+      [sys.executable, "-m", "tml.predict", f"--workdir={cfg.workdir}",
+       f"--export={tmp_path / 'm.npz'}", "--no_detect", str(tmp_path / "a.png")],
+      capture_output=True, text=True, timeout=120,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert out.returncode == 0, out.stderr
+  rec = json.loads(out.stdout.splitlines()[0])
+  assert rec["status"] == "ok" and len(rec["outputs"]["landmarks"]) == 68
+  assert (tmp_path / "m.npz").is_file() and "1 processed" in out.stderr
+
+
+def test_torch_twin_on_exported_weights_matches_jax(thermal_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  from tml import export as export_lib
+  cfg, _, split = thermal_run
+  p = predict_lib.Predictor.from_workdir(
+      predict_lib.Predictor.from_workdir(cfg.workdir).export(tmp_path / "m.npz"))
+  assert predict_lib.main([f"--workdir={cfg.workdir}",
+                           f"--export_torch={tmp_path / 'm.pt'}"]) == 0
+  model, meta = export_lib.load_torch(tmp_path / "m.pt")
+  assert meta["run_id"] == p.run_id
+  crops = split.test["image"][split.test_idx]
+  jax_out = p.predict_crops(crops)
+  with torch.no_grad():
+    t_out = model(torch.from_numpy(p.prepare_crops(crops)))
+  np.testing.assert_allclose(t_out["landmarks"].numpy() * N, jax_out["landmarks"],
+                             atol=1e-4)
+  np.testing.assert_allclose(torch.softmax(t_out["emotion_logits"], -1).numpy(),
+                             jax_out["emotion_probs"], atol=1e-5)

@@ -1,0 +1,71 @@
+"""Exports of a trained run: the portable ``.npz`` and the PyTorch twin.
+
+* ``.npz`` (`tml.predict.Predictor.export`): the Flax parameters flattened to
+  ``params/<module>/.../<leaf>``, the run's config, kind, class names, split,
+  run id, and (expression runs) Tang's per-pixel training statistics; read by
+  `tml.predict.Predictor.from_export` with numpy only (no orbax, no dataset).
+* PyTorch (`torch_model`, `export_torch`): the twin of `tml.torch_twins` with
+  the run's weights loaded through `tml.torch_twins.flax_to_torch`, saved as
+  ``{"state_dict", "model", "kwargs", "meta"}`` with ``torch.save``. The twin
+  takes the same NHWC network-input crops as the Flax model (see
+  `Predictor.prepare_crops`) and returns the same output dict; PyTorch is
+  the optional ``torch`` extra and is imported only here.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+
+def twin_kwargs(predictor) -> tuple[str, dict[str, Any]]:
+  """``(model name, kwargs)`` of the torch twin; mirrors `tml.train.build_model`."""
+  cfg = predictor.cfg
+  n = len(predictor.class_names)
+  if cfg.model == "chu_unet":
+    return "chu_unet", dict(
+        input_size=cfg.image_size, depth=cfg.unet_depth, base_width=cfg.unet_width,
+        fc_width=cfg.fc_width, num_emotions=n if cfg.emotion_head else 0,
+        landmark_head=cfg.landmark_head, map_reduction=cfg.map_reduction)
+  if cfg.model == "basic_cnn":
+    return "basic_cnn", dict(input_size=cfg.image_size, fc_width=cfg.fc_width)
+  if cfg.model == "devries":
+    return "devries", dict(num_classes=n, map_head=cfg.map_head,
+                           map_size=cfg.crop_size, dropout_rate=cfg.dropout)
+  raise ValueError(f"model {cfg.model!r} has no torch twin")
+
+
+def torch_model(predictor):
+  """The torch twin (eval mode) with the predictor's weights loaded."""
+  from tml import torch_twins
+  name, kwargs = twin_kwargs(predictor)
+  model = torch_twins.build_torch_model(name, **kwargs).eval()
+  torch_twins.flax_to_torch(predictor.params, model)
+  return model
+
+
+def export_torch(predictor, path) -> pathlib.Path:
+  """Writes the twin's ``state_dict`` plus what rebuilds it to ``path``."""
+  import torch
+  from tml import writers
+  name, kwargs = twin_kwargs(predictor)
+  model = torch_model(predictor)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  torch.save({"state_dict": model.state_dict(), "model": name, "kwargs": kwargs,
+              "meta": json.dumps({"config": writers.config_to_dict(predictor.cfg),
+                                  "kind": predictor.kind,
+                                  "class_names": list(predictor.class_names),
+                                  "split": predictor.split,
+                                  "run_id": predictor.run_id})}, path)
+  return path
+
+
+def load_torch(path):
+  """The twin saved by `export_torch`, eval mode, and its meta dict."""
+  import torch
+  from tml import torch_twins
+  blob = torch.load(path, map_location="cpu", weights_only=True)
+  model = torch_twins.build_torch_model(blob["model"], **blob["kwargs"]).eval()
+  model.load_state_dict(blob["state_dict"], strict=True)
+  return model, json.loads(blob["meta"])
