@@ -26,16 +26,21 @@ from absl import app
 from absl import flags
 import numpy as np
 
-flags.DEFINE_string("runs", "runs/devries_table1", "Folder with one workdir per setting.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Random initialisations (--splits) per setting.")
-flags.DEFINE_string("sweep", "", "Folder of recipe-sweep workdirs (default <runs>/sweep).")
-flags.DEFINE_bool("backfill", False, "Add last/public_private to finished splits "
-                  "that lack it (see backfill_last) before the report.")
-flags.DEFINE_bool("only_report", False, "Only assemble the page from finished runs.")
-flags.DEFINE_string("out", "results/devries_fer2013", "Report folder.")
-flags.DEFINE_string("landmarks_file", "workdirs/fer2013_landmarks/fer2013_landmarks.npz",
-                    "label68 output for FER2013 (label-map statistics and figures).")
-flags.DEFINE_string("zip", "../shared/data/fer2013/fer2013_images.zip", "FER2013 zip.")
+def _define_flags() -> None:
+  """Only when run as a program (absl's flag registry is process-wide, and
+  experiments.run defines a flag per Config field)."""
+  flags.DEFINE_string("runs", "runs/devries_table1", "Folder with one workdir per setting.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Random initialisations (--splits) per setting.")
+  flags.DEFINE_string("sweep", "", "Folder of recipe-sweep workdirs (default <runs>/sweep).")
+  flags.DEFINE_bool("backfill", False, "Add last/public_private to finished splits "
+                    "that lack it (see backfill_last) before the report.")
+  flags.DEFINE_bool("only_report", False, "Only assemble the page from finished runs.")
+  flags.DEFINE_string("out", "results/devries_fer2013", "Report folder.")
+  flags.DEFINE_string("landmarks_file", "workdirs/fer2013_landmarks/fer2013_landmarks.npz",
+                      "label68 output for FER2013 (label-map statistics and figures).")
+  flags.DEFINE_string("zip", "../shared/data/fer2013/fer2013_images.zip", "FER2013 zip.")
+
+
 FLAGS = flags.FLAGS
 
 SETTINGS = (  # (workdir name = flag file stem, transformations, multi-task)
@@ -414,4 +419,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

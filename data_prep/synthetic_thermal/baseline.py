@@ -55,16 +55,21 @@ from data_prep import thermal_common
 from tml import input_pipeline
 from tml import ridge
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
-_DATASETS = flags.DEFINE_list(
-    "datasets", ["synthetic_thermal/default"],
-    "name/config of thermal datasets (registered in tml.input_pipeline).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128,
-                                   "network input side N (crops resized).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Seeded splits.")
-_SEED = flags.DEFINE_integer("seed", 0, "Protocol seed.")
-_SUBJECT_DISJOINT = flags.DEFINE_bool(
-    "subject_disjoint", False, "Also score subject-disjoint splits.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program: the names (data_dir, seed, ...) are
+  also experiments.run's flags, and absl's registry is process-wide."""
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+  flags.DEFINE_list(
+      "datasets", ["synthetic_thermal/default"],
+      "name/config of thermal datasets (registered in tml.input_pipeline).")
+  flags.DEFINE_integer("image_size", 128, "network input side N (crops resized).")
+  flags.DEFINE_integer("repeats", 5, "Seeded splits.")
+  flags.DEFINE_integer("seed", 0, "Protocol seed.")
+  flags.DEFINE_bool("subject_disjoint", False, "Also score subject-disjoint splits.")
+
 
 inter_pupil_nme = ridge.inter_pupil_nme
 _FIELDS = ("image", "landmarks", "emotion", "frontal", "subject",
@@ -141,21 +146,22 @@ def _line(label: str, d: dict) -> str:
 
 def main(argv):
   del argv
-  for dataset in _DATASETS.value:
+  for dataset in FLAGS.datasets:
     start = time.perf_counter()
-    arrays = load_frontal(dataset, _DATA_DIR.value, _IMAGE_SIZE.value)
+    arrays = load_frontal(dataset, FLAGS.data_dir, FLAGS.image_size)
     loaded = time.perf_counter() - start
-    per_image = difficulty(arrays, _REPEATS.value, _SEED.value)
+    per_image = difficulty(arrays, FLAGS.repeats, FLAGS.seed)
     print(f"{dataset}: {len(arrays['image'])} frontal frames at "
-          f"{_IMAGE_SIZE.value} px, {per_image['frames_outside']} with a "
+          f"{FLAGS.image_size} px, {per_image['frames_outside']} with a "
           f"landmark outside the crop (loaded in {loaded:.0f} s)")
     print(_line("per-image split", per_image))
-    if _SUBJECT_DISJOINT.value:
-      print(_line("subject split", difficulty(arrays, _REPEATS.value,
-                                              _SEED.value, True)))
+    if FLAGS.subject_disjoint:
+      print(_line("subject split", difficulty(arrays, FLAGS.repeats,
+                                              FLAGS.seed, True)))
     print(f"  ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("data_dir")
   app.run(main)
