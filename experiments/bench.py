@@ -61,8 +61,10 @@ import shlex
 import sys
 from typing import Any
 
+from experiments import run as run_lib
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+CPU_XLA_FLAGS = " ".join(run_lib.CPU_XLA_FLAGS)   # the flags experiments.run sets
 MODEL_CHOICES = ("chu_unet", "chu_unet/stage2", "chu_unet/stage1",
                  "basic_cnn", "devries")
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")

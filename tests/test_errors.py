@@ -12,25 +12,12 @@ from tml import input_pipeline
 from tml import protocol
 from tml import train
 
-N = 16
+from tests.test_train import N, _fake_thermal as _train_fake_thermal
 
 
 def _fake_thermal(n=64, seed=0, nan=()):
-  """A tiny thermal-like dataset (as tests/test_train.py); NaN images at `nan`."""
-  rs = np.random.RandomState(seed)
-  base = rs.uniform(4, 12, size=(68, 2)).astype(np.float32)
-  lms = base[None] + rs.normal(0, 0.5, size=(n, 68, 2)).astype(np.float32)
-  yy, xx = np.mgrid[:N, :N]
-  centre = lms.mean(axis=1)
-  img = np.exp(-((xx[None] - centre[:, None, None, 0]) ** 2 +
-                 (yy[None] - centre[:, None, None, 1]) ** 2) / 8.0)
-  img = img[..., None].astype(np.float32)
-  img[list(nan)] = np.nan
-  arrays = {"image": img, "landmarks": lms,
-            "emotion": (np.arange(n) % 8).astype(np.int32),
-            "frontal": np.ones(n, bool), "has_landmarks": np.ones(n, bool)}
-  return protocol.Dataset("synthetic_thermal", "thermal",
-                          input_pipeline.THERMAL_EMOTIONS, {"train": arrays})
+  """tests/test_train.py's tiny thermal dataset, with NaN images at ``nan``."""
+  return _train_fake_thermal(n, seed, nan_index=list(nan) or None)
 
 
 def _cfg(tmp_path, **kw):

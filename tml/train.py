@@ -136,7 +136,11 @@ def _prepare_arrays(cfg: Config, data: protocol.Dataset, split: protocol.SplitDa
   stats = preprocess.fit_pixel_stats(train["image"][split.train_idx])
   apply = lambda a: dict(a, image=preprocess.apply_pixel_stats(a["image"], stats))
   done = {id(split.train): apply(train)}   # a set shared by two roles is prepared once
-  prep = lambda a: done.setdefault(id(a), apply(norm(a))) if id(a) not in done else done[id(a)]
+
+  def prep(a):
+    if id(a) not in done:
+      done[id(a)] = apply(norm(a))
+    return done[id(a)]
   out = dataclasses.replace(
       split, train=done[id(split.train)], test=prep(split.test),
       extra_tests={n: (prep(a), i) for n, (a, i) in split.extra_tests.items()},
@@ -382,7 +386,9 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
                                       split_dir, offset, select_fn)
       offset += steps
     last_params = params
-    if select_fn is not None and meta.get("best"):
+    # Selected at the final step: the selected parameters are the last ones.
+    best_is_last = bool(meta.get("best")) and meta["best"]["step"] == steps
+    if select_fn is not None and meta.get("best") and not best_is_last:
       params = _restore_best(split_dir / stages[-1].name, params)
     train_lms = (split.train["landmarks"][split.train_idx]
                  if data.kind == "thermal" else None)
@@ -394,6 +400,9 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
         (("last", last_params),) if select_fn is not None else ()):
       sets = dict(split.test_sets(), **(split.last_tests if which == "last" else {}))
       for name, (arrays, idx) in sets.items():
+        if which == "last" and best_is_last and f"selected/{name}" in evaluations:
+          evaluations[f"last/{name}"] = evaluations[f"selected/{name}"]   # same params
+          continue
         preds_ = predict(eval_step, p, arrays, idx, cfg, mesh)
         evaluations[f"{which}/{name}"] = evaluate(preds_, arrays, idx, data, train_lms)
         if first_preds is None:
