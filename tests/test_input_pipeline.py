@@ -320,9 +320,12 @@ def test_batches_without_landmarks_or_emotion():
 
 def test_registry_names_and_classes():
   assert set(ip.dataset_names()) == {"synthetic_thermal", "kopaczka_thermal",
-                                     "fer2013", "tfd"}
+                                     "fer2013", "fer2013_faces", "tfd"}
   assert ip.dataset_info("kopaczka_thermal").num_classes == 8
   assert ip.dataset_info("fer2013").tfds_name == "fer2013_tml"
+  # The Chu task on FER2013 faces reads the same build as landmark crops.
+  faces = ip.dataset_info("fer2013_faces")
+  assert (faces.tfds_name, faces.kind, faces.num_classes) == ("fer2013_tml", "thermal", 7)
   assert ip.dataset_info("tfd").kind == "expression"
   with pytest.raises(KeyError):
     ip.dataset_info("imagenet")

@@ -49,6 +49,10 @@ class Config:
   # Thermal: "per_image" (the paper: per emotion 1/8 of the frames test) or
   # "subject" (1/8 of the subjects test, none of their frames train).
   thermal_split: str = "per_image"
+  # A fixed subset of the training images (0 = all): per emotion the same
+  # share of each split's training set, drawn once with ``holdout_seed`` so
+  # every row and seed trains on the same images (reduced CPU schedules).
+  train_limit: int = 0
   # --- model ----------------------------------------------------------------
   model: str = "chu_unet"
   unet_depth: int = 4
@@ -209,6 +213,8 @@ def validate(cfg: Config, *, known_models=(), known_datasets=(),
         "public_test" in names or "public_private" in names):
       bad("test_sets", "overlaps the selection set (--selection=public_test); "
           "report private_test, or select with --selection=holdout or last")
+  if cfg.train_limit < 0:
+    bad("train_limit", "expected 0 (all training images) or a positive count")
   if not 0 < cfg.holdout_fraction < 1:
     bad("holdout_fraction", "expected 0 < fraction < 1")
   if cfg.warmup_epochs < 0:

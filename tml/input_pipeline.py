@@ -63,7 +63,9 @@ class DatasetSpec:
   Attributes:
     tfds_name: the TFDS builder name.
     module: the python module whose import registers the builder.
-    kind: "thermal" (Chu) or "expression" (DeVries).
+    kind: "thermal" (the Chu task: N x N face crops with 68 landmarks, on
+      thermal frames or, for ``fer2013_faces``, on FER2013 faces) or
+      "expression" (DeVries: 48 x 48 faces, random crops, 10-crop test).
     class_names: emotion names by label; the builder's ClassLabel is the
       source of truth, this copy lets configs size heads without the data.
     key_field: a stored, unique field that gives a canonical record order
@@ -91,6 +93,13 @@ DATASETS: dict[str, DatasetSpec] = {
         THERMAL_EMOTIONS, "file_name", ("train",)),
     "fer2013": DatasetSpec(
         "fer2013_tml", "data_prep.fer2013", "expression",
+        EXPRESSION_EMOTIONS, "id", ("train", "public_test", "private_test")),
+    # The Chu pipeline on real faces: the same FER2013 build (config dlib68,
+    # the label68 landmarks joined by id), read as landmark crops resized to
+    # --image_size; faces without detected landmarks train the emotion task
+    # only and are left out of every landmark loss and metric.
+    "fer2013_faces": DatasetSpec(
+        "fer2013_tml", "data_prep.fer2013", "thermal",
         EXPRESSION_EMOTIONS, "id", ("train", "public_test", "private_test")),
     "tfd": DatasetSpec(
         "tfd_tml", "data_prep.tfd", "expression", TFD_EMOTIONS, "id",
@@ -251,6 +260,13 @@ def _check_prepared(name, spec, builder, current, manual_dir):
         "ones given now:\n  " + "\n  ".join(diff) +
         "\nPass --rebuild (rebuild=True) to delete it and build it from the "
         "current files, or point --data_dir elsewhere")
+  if provenance.times_changed(stored, current):
+    log.info("%s: inputs re-copied with new times, same content (SHA-256); "
+             "record refreshed", name)
+    try:
+      provenance.write_record(_build_dir(builder), current)
+    except OSError as e:  # a read-only copy of a prepared dataset
+      log.warning("%s: cannot refresh the record (%s)", where, e)
   if (stored.get("manual_dir") and current.get("manual_dir")
       and stored["manual_dir"] != current["manual_dir"]):
     log.info("%s: same files under a new manual_dir %s (built from %s)",

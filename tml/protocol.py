@@ -12,6 +12,15 @@
   7,178 images of both: the paper's "7177 image test set"); none may overlap
   the selection set.
 - tfd: split r is official fold r: train / valid (selection) / test.
+- fer2013_faces (Chu & Liu on real faces): trains on Training for a fixed
+  schedule (the last parameters, as on the thermal data); split r is the
+  r-th seed, so "5 splits" are 5 initialisations on the fixed FER splits.
+  PrivateTest is reported (``--test_sets=private_test``, the default);
+  settings (emotion weight, epsilon, epochs) are chosen with
+  ``--test_sets=public_test``, never on PrivateTest.
+
+``--train_limit`` caps every split's training set at a fixed, per-emotion
+stratified subset (`limit_train`), for reduced schedules.
 """
 from __future__ import annotations
 
@@ -86,38 +95,70 @@ def load(cfg: Config) -> Dataset:
                                                  sort_by=info.key_field)
   if first:
     parallel.barrier("dataset-built")
+  if info.kind == "thermal":
+    train = arrays[info.splits[0]]
+    if "has_landmarks" not in train or not np.any(train["has_landmarks"]):
+      raise ValueError(
+          f"--dataset={cfg.dataset}: the {info.splits[0]} split has no image "
+          f"with 68 landmarks (--dataset_config={cfg.dataset_config!r}); the "
+          "Chu pipeline needs them" + (
+              ": use --dataset_config=dlib68 --landmarks_file=<label68 output>"
+              if cfg.dataset.startswith("fer2013") else ""))
   return Dataset(cfg.dataset, info.kind, tuple(info.class_names), arrays)
 
 
 def splits(cfg: Config, data: Dataset) -> Iterator[SplitData]:
   """Yields the protocol's splits in ``cfg.splits`` order."""
   for r in cfg.splits:
-    if data.kind == "thermal":
-      yield _thermal_split(cfg, data, r)
-    elif data.name.startswith("fer2013"):
-      yield _fer2013_split(cfg, data, r)
-    elif data.name.startswith("tfd"):
-      a = data.arrays["labelled"]
-      if not 0 <= r < a["folds"].shape[1]:
-        raise ValueError(f"--splits: TFD has folds 0..{a['folds'].shape[1] - 1}, got {r}")
-      f = input_pipeline.tfd_fold(a["folds"], r)
-      if selection(cfg, data) == "last":
-        yield SplitData(f"fold_{r}", r, a, f["train"], a, f["test"])
-      else:
-        yield SplitData(f"fold_{r}", r, a, f["train"], a, f["test"], select=a,
-                        select_idx=f["valid"], select_name="valid")
-    else:
-      raise ValueError(f"--dataset={data.name!r}: no protocol for it")
+    yield limit_train(_split(cfg, data, r), cfg.train_limit, cfg.holdout_seed)
+
+
+def _split(cfg: Config, data: Dataset, r: int) -> SplitData:
+  if data.name.startswith("fer2013"):   # fer2013 (DeVries), fer2013_faces (Chu)
+    return _fer2013_split(cfg, data, r)
+  if data.kind == "thermal":
+    return _thermal_split(cfg, data, r)
+  if data.name.startswith("tfd"):
+    a = data.arrays["labelled"]
+    if not 0 <= r < a["folds"].shape[1]:
+      raise ValueError(f"--splits: TFD has folds 0..{a['folds'].shape[1] - 1}, got {r}")
+    f = input_pipeline.tfd_fold(a["folds"], r)
+    if selection(cfg, data) == "last":
+      return SplitData(f"fold_{r}", r, a, f["train"], a, f["test"])
+    return SplitData(f"fold_{r}", r, a, f["train"], a, f["test"], select=a,
+                     select_idx=f["valid"], select_name="valid")
+  raise ValueError(f"--dataset={data.name!r}: no protocol for it")
+
+
+def limit_train(split: SplitData, limit: int, seed: int) -> SplitData:
+  """``split`` with at most ``limit`` training images (0: unchanged): per
+  emotion the same share of its training images, drawn with ``seed`` (not the
+  split's index, so every split and row of a table trains on the same images
+  where their training sets agree); indices stay sorted."""
+  n = len(split.train_idx)
+  if limit <= 0 or limit >= n:
+    return split
+  labels = split.train["emotion"][split.train_idx]
+  rng = np.random.default_rng([seed, 104729])
+  keep = []
+  classes = np.unique(labels)
+  for c in classes:
+    pos = np.flatnonzero(labels == c)
+    k = int(round(limit * len(pos) / n))
+    keep.append(rng.permutation(pos)[:k])
+  keep = np.sort(np.concatenate(keep))
+  return dataclasses.replace(split, train_idx=split.train_idx[keep])
 
 
 def selection(cfg: Config, data: Dataset) -> str:
   """``cfg.selection`` with "auto" resolved for the dataset; checked."""
   fer, tfd = data.name.startswith("fer2013"), data.name.startswith("tfd")
+  chu = data.kind == "thermal"   # the Chu task trains a fixed schedule
   sel = cfg.selection
   if sel == "auto":
-    sel = "public_test" if fer else "valid" if tfd else "last"
-  allowed = (("last", "public_test", "holdout") if fer else ("last", "valid")
-             if tfd else ("last",))
+    sel = "last" if chu else "public_test" if fer else "valid" if tfd else "last"
+  allowed = (("last",) if chu else ("last", "public_test", "holdout") if fer
+             else ("last", "valid") if tfd else ("last",))
   if sel not in allowed:
     raise ValueError(f"--selection={cfg.selection!r}: {data.name} allows "
                      f"{', '.join(allowed)}")
@@ -131,6 +172,8 @@ def test_set_names(cfg: Config, data: Dataset) -> list[str]:
   if cfg.test_sets == "auto":
     if not fer:
       return ["test"]
+    if data.kind == "thermal":   # Chu on FER2013: PrivateTest, reported once
+      return ["private_test"]
     return ["private_test"] if sel == "public_test" else ["private_test",
                                                           "public_private"]
   names = [t.strip() for t in cfg.test_sets.split(",") if t.strip()]

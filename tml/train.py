@@ -169,6 +169,14 @@ def predict(eval_step, params, arrays, idx, cfg: Config, mesh) -> dict[str, np.n
   return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
+def _has_landmarks(arrays, idx) -> np.ndarray:
+  """Bool (len(idx),): the rows whose 68 points are all there."""
+  has = np.isfinite(arrays["landmarks"][idx]).all(axis=(1, 2))
+  if "has_landmarks" in arrays:
+    has &= np.asarray(arrays["has_landmarks"][idx], bool)
+  return has
+
+
 def evaluate(preds, arrays, idx, data: protocol.Dataset,
              train_landmarks: np.ndarray | None) -> dict[str, Any]:
   """tml.metrics on gathered predictions. Percentages; null where n/a."""
@@ -179,9 +187,17 @@ def evaluate(preds, arrays, idx, data: protocol.Dataset,
   labels = arrays["emotion"][idx]
   res["num_test_images"] = int(len(idx))
   if "landmarks" in preds:
-    gt = arrays["landmarks"][idx]
+    # Landmark metrics over the images that have landmarks (all of them on
+    # the thermal data; FER2013 faces the labeller found).
+    has = _has_landmarks(arrays, idx)
+    res["num_landmark_images"] = int(has.sum())
+    if not has.any():
+      raise ValueError(f"{data.name}: none of the {len(idx)} test images has "
+                       "landmarks; landmark metrics need labelled images")
+    gt = arrays["landmarks"][idx][has]
     res.update(metrics_lib.landmark_summary(
-        preds["landmarks"], gt, emotions=labels, class_names=data.class_names))
+        preds["landmarks"][has], gt, emotions=labels[has],
+        class_names=data.class_names))
     if train_landmarks is not None:
       mean_shape = np.broadcast_to(train_landmarks.mean(axis=0), gt.shape)
       res["mean_shape_nme_inter_pupil"] = 100.0 * float(np.mean(
@@ -390,7 +406,8 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
     best_is_last = bool(meta.get("best")) and meta["best"]["step"] == steps
     if select_fn is not None and meta.get("best") and not best_is_last:
       params = _restore_best(split_dir / stages[-1].name, params)
-    train_lms = (split.train["landmarks"][split.train_idx]
+    train_lms = (split.train["landmarks"][split.train_idx][
+        _has_landmarks(split.train, split.train_idx)]
                  if data.kind == "thermal" else None)
     # The reported parameters (selected, or the last ones) on every test set;
     # with a selection set also the last parameters, which never saw it.
@@ -430,17 +447,18 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
     if is_main:
       split_curves, split_grid = {}, None
       if "landmarks" in preds:
-        gt = split.test["landmarks"][split.test_idx]
+        has = _has_landmarks(split.test, split.test_idx)
+        gt = split.test["landmarks"][split.test_idx][has]
         split_curves[f"{cfg.model} ({split.name})"] = metrics_lib.per_image_nme(
-            preds["landmarks"], gt, "inter_pupil")
+            preds["landmarks"][has], gt, "inter_pupil")
         if train_lms is not None:
           split_curves["mean shape"] = metrics_lib.per_image_nme(
               np.broadcast_to(train_lms.mean(0), gt.shape), gt, "inter_pupil")
         if ridge_per_image is not None:
           split_curves["pixel ridge"] = ridge_per_image / 100.0
-        n = min(cfg.num_plot_images, len(split.test_idx))
-        split_grid = (split.test["image"][split.test_idx[:n]],
-                      preds["landmarks"][:n], gt[:n])
+        n = min(cfg.num_plot_images, int(has.sum()))
+        split_grid = (split.test["image"][split.test_idx[has][:n]],
+                      preds["landmarks"][has][:n], gt[:n])
       # results.json marks the split done, so it goes last: a split killed
       # before it is redone, and a done split can always be re-plotted.
       _save_report_data(split_dir, split_curves, split_grid)
@@ -501,9 +519,11 @@ def _merge_report_data(curves: dict, grid, split_dir: pathlib.Path):
 def _ridge_baseline(split: protocol.SplitData) -> dict[str, Any]:
   """``tml.ridge.split_baseline`` on this split's network-input crops."""
   tr, te = split.train, split.test
-  images = np.concatenate([tr["image"][split.train_idx], te["image"][split.test_idx]])
-  lms = np.concatenate([tr["landmarks"][split.train_idx], te["landmarks"][split.test_idx]])
-  n = len(split.train_idx)
+  tri = split.train_idx[_has_landmarks(tr, split.train_idx)]
+  tei = split.test_idx[_has_landmarks(te, split.test_idx)]
+  images = np.concatenate([tr["image"][tri], te["image"][tei]])
+  lms = np.concatenate([tr["landmarks"][tri], te["landmarks"][tei]])
+  n = len(tri)
   return ridge.split_baseline(images, lms, np.arange(n), np.arange(n, len(images)),
                               seed=split.index)
 

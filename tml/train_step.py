@@ -34,6 +34,10 @@ from tml import targets
 
 # Fixed order of the loss terms: the non-finite bitmask indexes it.
 TERMS = ("unet", "landmark", "emotion", "maps")
+# Terms averaged over the examples with landmarks only (weight x
+# has_landmarks); "maps" carries DeVries' v_n inside `losses.pixel_bce` and
+# keeps the paper's mean over the whole batch.
+LANDMARK_TERMS = ("unet", "landmark")
 
 
 @flax.struct.dataclass
@@ -294,13 +298,18 @@ def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
                                  axis_name=parallel.AXIS)
     w = batch["weight"].astype(jnp.float32)
     total_w = lax.psum(jnp.sum(w), parallel.AXIS)
+    # Landmark terms average over the examples that have landmarks (FER2013
+    # faces the labeller missed, frames with missing points: emotion only).
+    w_lm = w * batch["has_landmarks"].astype(jnp.float32)
+    total_lm = lax.psum(jnp.sum(w_lm), parallel.AXIS)
     emotion_on = 1.0 - state.early_stop.stopped.astype(jnp.float32)
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, images, train=True,
                             rngs={"dropout": drop_key})
       per_ex = per_example_terms(task, stage, outputs, images, lms, batch)
-      local = {k: _global_mean(v, w, total_w) for k, v in per_ex.items()}
+      local = {k: (_global_mean(v, w_lm, total_lm) if k in LANDMARK_TERMS
+                   else _global_mean(v, w, total_w)) for k, v in per_ex.items()}
       total = 0.0
       for name, value in local.items():
         scale = stage.weight(name) * (emotion_on if name == "emotion" and use_es else 1.0)
