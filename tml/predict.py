@@ -9,14 +9,22 @@ CLI::
 
   python -m tml.predict --workdir=RUN INPUT... [--out=DIR] [--no_detect]
       [--boxes=BOXES.json|csv] [--split=split_0] [--export=FILE.npz]
-      [--export_torch=FILE.pt] [--vis] [--csv]
+      [--export_torch=FILE.pt] [--vis] [--csv] [--t_window=MIN,MAX]
+
+With ``--out``: ``OUT/predictions.jsonl``, ``OUT/maps/`` (DeVries map-head
+models: three PNGs per face, named in the record), ``OUT/vis/`` (``--vis``:
+one overlay per face and ``contact_sheet.png``, the first 64 overlays with
+their file names), ``OUT/predictions.csv`` (``--csv``).
 
 What travels with a run (nothing of the dataset is needed, except see below):
 
 * thermal (Chu U-Net, basic CNN): the frame becomes grey g in [0, 1] the way
   the builders store it (`data_prep.thermal_common.to_unit_grey`: uint8 / 255,
-  uint16 / 65535, float = degrees C through the window
-  ``[DEFAULT_T_MIN, DEFAULT_T_MAX]`` = 20-40 C); the face box is the
+  uint16 / 65535, float = degrees C through the RUN's temperature window,
+  `temperature_window`: the ``t_min``, ``t_max`` of the TFDS builder config
+  the run trained on, ``--dataset`` / ``--dataset_config`` of config.json;
+  20-40 C for every config today; an export stores the window it was made
+  with); the face box is the
   landmark-free thermal box (`tml.facebox.find_face_box`, the one the test
   crops use), a user box, or the whole image (``detect=False``); the box is
   resampled to N x N (`thermal_common.crop_and_resize`) and the predicted
@@ -29,7 +37,11 @@ What travels with a run (nothing of the dataset is needed, except see below):
   none (runs trained before training wrote it), they are recomputed from the
   dataset named in config.json (`fit_split_pixel_stats`, exactly what
   `tml.train._prepare_arrays` fits), and a clear `WorkdirError` is raised if
-  that dataset is not available either.
+  that dataset is not available either. With the map head the record also
+  holds the three predicted maps (`tml.targets.LABEL_MAP_NAMES`: image-left
+  brow, image-right brow, mouth), sigmoid probabilities ``(42, 42, 3)`` on
+  the centre 42 x 42 crop of the 48 x 48 face, and ``maps_box``, the part
+  of the original image they cover (the CLI writes them as PNGs).
 
 The network itself runs through `tml.train_step.make_eval_step`, the very
 step the training run evaluated with, over a mesh of all local devices; the
@@ -55,6 +67,7 @@ log = logging.getLogger("tml.predict")
 
 PIXEL_STATS = "pixel_stats.npz"
 EXPORT_FORMAT = "tml-export-1"
+RUN_WINDOW = "run"   # Predictor.t_window: resolve from the run's dataset config
 
 
 class WorkdirError(RuntimeError):
@@ -126,6 +139,48 @@ def _recompute_pixel_stats(cfg, split_name: str):
       return fit_split_pixel_stats(split)
   raise WorkdirError(f"split {split_name!r} is not a split of {cfg.dataset} "
                      f"under this config")
+
+
+# =============================================================================
+# The temperature window of a run
+# =============================================================================
+def temperature_window(cfg) -> tuple[float, float] | None:
+  """``(t_min, t_max)`` degrees C the run's dataset mapped onto grey [0, 1].
+
+  Read from the TFDS builder config the run trained on (``cfg.dataset``,
+  ``cfg.dataset_config`` or the builder's default config): the window its
+  ``.npy`` / rendered temperatures were stored with
+  (`data_prep.thermal_common.to_unit_grey`). Only the builder's code is
+  imported; no data is read. None for a run whose dataset stores no
+  temperatures (expression datasets, ``fer2013_faces``).
+
+  Raises:
+    WorkdirError: the dataset's builder cannot be imported, or
+      ``dataset_config`` names no config of it.
+  """
+  import importlib
+  from tml import input_pipeline
+  info = input_pipeline.dataset_info(cfg.dataset)
+  if info.kind != "thermal":
+    return None
+  try:
+    importlib.import_module(info.module)
+    import tensorflow_datasets as tfds
+    cls = tfds.builder_cls(info.tfds_name)
+  except Exception as err:  # pylint: disable=broad-except
+    raise WorkdirError(f"the temperature window of dataset {cfg.dataset!r}: "
+                       f"its builder {info.module} cannot be imported: "
+                       f"{type(err).__name__}: {err}") from err
+  configs = dict(getattr(cls, "builder_configs", {}) or {})
+  name = (cfg.dataset_config or getattr(cls, "DEFAULT_CONFIG_NAME", None)
+          or next(iter(configs), None))
+  if name not in configs:
+    raise WorkdirError(f"--dataset_config={name!r} of config.json is not a "
+                       f"config of {cfg.dataset} (known: {sorted(configs)})")
+  bc = configs[name]
+  if not (hasattr(bc, "t_min") and hasattr(bc, "t_max")):
+    return None
+  return float(bc.t_min), float(bc.t_max)
 
 
 # =============================================================================
@@ -250,8 +305,10 @@ class Predictor:
   source: str
   pixel_stats: Any = None
   batch_size: int = 0             # padded batch; 0 = cfg.eval_batch_size
-  t_min: float = 20.0
-  t_max: float = 40.0
+  # Degrees C mapped onto grey [0, 1] for temperature input: (t_min, t_max);
+  # RUN_WINDOW = the run's (`temperature_window`); None = the run's dataset
+  # has no temperatures (temperature input is refused).
+  t_window: Any = RUN_WINDOW
 
   def __post_init__(self):
     import jax
@@ -262,16 +319,30 @@ class Predictor:
     self._model = train.build_model(self.cfg, stub)
     self._task = train.build_task(self.cfg, stub)
     _check_params(self._model, self._task, self.params)
+    if isinstance(self.t_window, str) and self.t_window == RUN_WINDOW:
+      self.t_window = temperature_window(self.cfg)
+    if self.t_window is not None:
+      lo, hi = (float(v) for v in self.t_window)
+      if not hi > lo:
+        raise ValueError(f"temperature window {self.t_window}: needs t_max > t_min")
+      self.t_window = (lo, hi)
     self._mesh = parallel.make_mesh(jax.local_devices())
     n = self._mesh.size
     b = self.batch_size or self.cfg.eval_batch_size
     self.batch_size = max(n, -(-b // n) * n)
     self._eval_step = step_lib.make_eval_step(self._model, self._task, self._mesh)
+    self._map_step = (_make_map_step(self._model, self._task, self._mesh)
+                      if self.has_maps else None)
     self._device_params = parallel.replicate(self.params, self._mesh)
     self._labeller = None
     if self.kind == "expression" and self.pixel_stats is None:
       raise WorkdirError("an expression model needs the training set's "
                          "per-pixel statistics")
+
+  @property
+  def has_maps(self) -> bool:
+    """Whether the model has DeVries' landmark-map head."""
+    return self.cfg.model == "devries" and bool(self.cfg.map_head)
 
   # -- construction ----------------------------------------------------------
 
@@ -332,6 +403,8 @@ class Predictor:
       stats = (preprocess.PixelStats(z["pixel_stats/mean"], z["pixel_stats/std"])
                if "pixel_stats/mean" in z.files else None)
     cfg = _config_from_dict(meta["config"])
+    if "t_window" in meta:   # exports made before it carried one: the run's
+      kw.setdefault("t_window", meta["t_window"] and tuple(meta["t_window"]))
     return cls(cfg=cfg, kind=meta["kind"], class_names=tuple(meta["class_names"]),
                params=_unflatten(flat), split=meta["split"], run_id=meta["run_id"],
                source=str(path), pixel_stats=stats, **kw)
@@ -342,7 +415,8 @@ class Predictor:
     from tml import writers
     meta = {"format": EXPORT_FORMAT, "config": writers.config_to_dict(self.cfg),
             "kind": self.kind, "class_names": list(self.class_names),
-            "split": self.split, "run_id": self.run_id, "source": self.source}
+            "split": self.split, "run_id": self.run_id, "source": self.source,
+            "t_window": list(self.t_window) if self.t_window else None}
     arrays = {f"params/{k}": v for k, v in _flatten(self.params).items()}
     if self.pixel_stats is not None:
       arrays["pixel_stats/mean"] = np.asarray(self.pixel_stats.mean)
@@ -364,8 +438,8 @@ class Predictor:
 
   def to_grey(self, image: np.ndarray, *, temperature: bool = False) -> np.ndarray:
     """``(H, W)`` float32 grey. uint8 / 255, uint16 / 65535; float images are
-    grey in [0, 1] already, or degrees C with ``temperature=True`` (thermal
-    window [t_min, t_max]); RGB(A) is reduced with ITU-R 601 luma.
+    grey in [0, 1] already, or degrees C with ``temperature=True`` (through
+    ``t_window``, the run's window); RGB(A) is reduced with ITU-R 601 luma.
 
     Raises:
       InputError: wrong dtype or shape, non-finite values, constant image.
@@ -392,7 +466,13 @@ class Predictor:
         raise InputError(f"{int(np.sum(~np.isfinite(a)))} non-finite values",
                          "bad_values")
       if temperature:
-        g = np.clip((a.astype(np.float64) - self.t_min) / (self.t_max - self.t_min),
+        if self.t_window is None:
+          raise InputError(
+              f"temperatures (a float .npy / TIFF) for a model whose dataset "
+              f"({self.cfg.dataset}) stores no temperatures: pass 8/16-bit "
+              f"images, or grey in [0, 1] through the API", "bad_values")
+        lo, hi = self.t_window
+        g = np.clip((a.astype(np.float64) - lo) / (hi - lo),
                     0.0, 1.0).astype(np.float32)
       elif self.kind == "thermal" and (a.min() < -1e-3 or a.max() > 1 + 1e-3):
         raise InputError(
@@ -461,8 +541,10 @@ class Predictor:
       One dict per image: ``box`` (the box used, edge coordinates),
       ``landmarks`` ``(68, 2)`` (x, y) original-image pixel centres (landmark
       models), ``emotion`` (label) and ``emotion_probs`` ``{name: p}`` (models
-      with an emotion head); or ``error`` and ``reason`` for an image that
-      could not be processed.
+      with an emotion head), ``maps`` ``(42, 42, 3)`` probabilities and
+      ``maps_box`` (DeVries with the map head, see `_record`), ``t_window``
+      (temperature input: the window used); or ``error`` and ``reason`` for
+      an image that could not be processed.
 
     Expression models standardise by the batch (DeVries' last step, as the
     eval step does), so their probabilities depend a little on which images
@@ -491,6 +573,8 @@ class Predictor:
       preds = self.predict_crops(np.stack(crops))
       for j, (i, box) in enumerate(zip(where, used)):
         results[i] = self._record(preds, j, box)
+        if temperature:
+          results[i]["t_window"] = list(self.t_window)
     return results
 
   def prepare_crops(self, crops: np.ndarray) -> np.ndarray:
@@ -513,7 +597,10 @@ class Predictor:
     """The eval step on network-size crops ``(B, S, S)`` grey (or ``(B, S, S, 1)``).
 
     Returns the eval step's outputs: ``landmarks`` ``(B, 68, 2)`` in the crop
-    frame, ``emotion_probs`` ``(B, C)``.
+    frame, ``emotion_probs`` ``(B, C)``; with the map head ``maps``
+    ``(B, c, c, 3)`` sigmoid probabilities on the centre c x c crop (c =
+    ``cfg.crop_size``), from the same forward pass as the probabilities
+    unless the run tests on ten crops (then the maps are the centre crop's).
     """
     from tml import parallel
     x = self.prepare_crops(crops)
@@ -527,15 +614,35 @@ class Predictor:
                "landmarks": np.zeros((b, 68, 2), np.float32),
                "weight": np.concatenate([np.ones(m, np.float32),
                                          np.zeros(b - m, np.float32)])}
-      res = parallel.to_host(self._eval_step(
-          self._device_params, parallel.global_batch(batch, self._mesh)))
+      batch = parallel.global_batch(batch, self._mesh)
+      if self._map_step is not None:
+        res = self._map_step(self._device_params, batch)
+        if self._task.ten_crop or "emotion_probs" not in res:
+          res = {"maps": res["maps"],
+                 **self._eval_step(self._device_params, batch)}
+      else:
+        res = self._eval_step(self._device_params, batch)
+      res = parallel.to_host(res)
       for k, v in res.items():
         out.setdefault(k, []).append(np.asarray(v)[:m])
     return {k: np.concatenate(v) for k, v in out.items()}
 
+  def maps_box(self, box) -> list[float]:
+    """The part of the original image (edge coordinates) the predicted maps
+    cover: the centre c x c crop of the S x S face crop of ``box``."""
+    from tml import augment
+    s, c = self.input_size, int(self.cfg.crop_size)
+    oy, ox = augment.crop_offsets((s, s), (c, c))[4]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    sx, sy = (x1 - x0) / s, (y1 - y0) / s
+    return [x0 + ox * sx, y0 + oy * sy, x0 + (ox + c) * sx, y0 + (oy + c) * sy]
+
   def _record(self, preds, j, box) -> dict[str, Any]:
     from data_prep import thermal_common
     rec: dict[str, Any] = {"box": [float(v) for v in box]}
+    if "maps" in preds:
+      rec["maps"] = np.asarray(preds["maps"][j], np.float32)
+      rec["maps_box"] = self.maps_box(box)
     if "landmarks" in preds:
       rec["landmarks"] = thermal_common.crop_to_frame(
           preds["landmarks"][j], box, self.input_size).astype(np.float32)
@@ -544,6 +651,33 @@ class Predictor:
       rec["emotion"] = self.class_names[int(np.argmax(p))]
       rec["emotion_probs"] = {c: float(v) for c, v in zip(self.class_names, p)}
     return rec
+
+
+def _make_map_step(model, task, mesh):
+  """``step(params, batch) -> {maps, emotion_probs}`` of a map-head model.
+
+  The eval step's centre-crop path (`train_step.prepare_inputs`: centre
+  crop, batch standardisation over the real rows) plus the map head's
+  sigmoid; jitted over the mesh like `train_step.make_eval_step`.
+  """
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from tml import parallel
+  from tml import train_step as step_lib
+
+  def device_predict(params, batch):
+    images, _ = step_lib.prepare_inputs(task, None, batch, train=False,
+                                        axis_name=parallel.AXIS)
+    out = model.apply({"params": params}, images, train=False)
+    preds = {"maps": jax.nn.sigmoid(out["maps"].astype(np.float32))}
+    if "emotion_logits" in out:
+      preds["emotion_probs"] = jax.nn.softmax(
+          out["emotion_logits"].astype(np.float32))
+    return preds
+
+  return jax.jit(parallel.map_over_devices(
+      device_predict, mesh, in_specs=(P(), P(parallel.AXIS)),
+      out_specs=P(parallel.AXIS)))
 
 
 def _run_id(workdir: pathlib.Path) -> str:
@@ -581,6 +715,7 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
+  from tml import predict_files as files_lib
   ap = argparse.ArgumentParser(prog="python -m tml.predict", description=(
       "Landmarks / emotions of a trained tml run on images (PNG, JPEG, TIFF; "
       "8/16-bit grey or RGB), .npy temperature arrays (degrees C), folders "
@@ -600,17 +735,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                   help="also write the PyTorch twin's state_dict to this file "
                        "(needs the torch extra)")
   ap.add_argument("--vis", action="store_true",
-                  help="also write overlay PNGs (points, box, label) to OUT/vis")
+                  help="also write overlay PNGs (points, box, label) to OUT/vis "
+                       "and one contact sheet of the first "
+                       f"{files_lib.CONTACT_SHEET_MAX} (OUT/vis/"
+                       f"{files_lib.CONTACT_SHEET_NAME})")
   ap.add_argument("--csv", action="store_true",
                   help="also write OUT/predictions.csv")
   ap.add_argument("--batch_size", type=int, default=0)
   ap.add_argument("--export", default=None,
                   help="also write params + config to this .npz")
+  ap.add_argument("--t_window", default=None, metavar="MIN,MAX",
+                  help="degrees C mapped onto grey [0, 1] for temperature "
+                       "input (.npy, float TIFF); default: the run's window "
+                       "(its dataset config's t_min, t_max)")
   args = ap.parse_args(argv)
-  from tml import predict_files as files_lib
+  kw = {}
+  if args.t_window:
+    try:
+      lo, hi = (float(v) for v in args.t_window.split(","))
+      if not hi > lo:
+        raise ValueError("needs MIN < MAX")
+    except ValueError as err:
+      print(f"error: --t_window={args.t_window!r}: expected MIN,MAX degrees C "
+            f"with MIN < MAX ({err})", file=sys.stderr)
+      return 2
+    kw["t_window"] = (lo, hi)
   try:
     predictor = Predictor.from_workdir(args.workdir, split=args.split,
-                                       batch_size=args.batch_size)
+                                       batch_size=args.batch_size, **kw)
   except WorkdirError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -634,17 +786,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (OSError, ValueError) as err:
     print(f"error: --boxes: {err}", file=sys.stderr)
     return 2
+  out_dir = None
   if args.out:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stream = open(out_dir / "predictions.jsonl", "w")
   else:
     stream = sys.stdout
+    if predictor.has_maps:
+      print("note: the predicted maps are written only with --out",
+            file=sys.stderr)
   try:
-    summary = files_lib.run_files(predictor, files, stream, detect=not args.no_detect,
-                        boxes=boxes,
-                        vis_dir=pathlib.Path(args.out) / "vis" if args.vis else None,
-                        progress=args.out is not None)
+    summary = files_lib.run_files(
+        predictor, files, stream, detect=not args.no_detect, boxes=boxes,
+        vis_dir=out_dir / "vis" if args.vis else None,
+        maps_dir=out_dir / "maps" if args.out else None,
+        progress=args.out is not None)
   finally:
     if stream is not sys.stdout:
       stream.close()
@@ -654,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"summary: {len(files)} files: {summary['processed']} processed, "
         f"{summary['no_face']} no face, {summary['failed']} failed "
         f"(run {predictor.run_id}, {predictor.split})", file=sys.stderr)
+  if summary.get("contact_sheet"):
+    print(f"contact sheet: {summary['contact_sheet']}", file=sys.stderr)
   return 0 if summary["processed"] > 0 else 1
 
 

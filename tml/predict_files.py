@@ -3,7 +3,8 @@
 Reading (`expand_inputs`, `read_input`: PNG / JPEG / TIFF, 8/16-bit grey or
 RGB, ``.npy`` temperatures), user boxes (`read_boxes`), the JSON Lines loop
 (`run_files`: one record per file, bad files recorded with their reason),
-overlays (`draw_overlay`) and the CSV view (`jsonl_to_csv`).
+overlays (`draw_overlay`) and their contact sheet (`contact_sheet`), the
+DeVries maps as PNGs (`write_maps`) and the CSV view (`jsonl_to_csv`).
 """
 from __future__ import annotations
 
@@ -126,6 +127,85 @@ def draw_overlay(grey: np.ndarray, record: dict[str, Any]):
   return im
 
 
+CONTACT_SHEET_MAX = 64      # overlays on the contact sheet (the first ones)
+CONTACT_SHEET_NAME = "contact_sheet.png"
+TILE = 128                  # side of a contact-sheet cell, pixels
+LABEL_HEIGHT = 14           # the file-name strip under each cell
+HEADER_HEIGHT = 16
+SHEET_BACKGROUND = (24, 24, 24)
+
+
+def thumbnail(im):
+  """An overlay shrunk to fit a TILE x TILE cell (aspect kept, never enlarged)."""
+  from PIL import Image
+  t = im.copy()
+  t.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
+  return t
+
+
+def contact_sheet(items, total: int | None = None,
+                  max_tiles: int = CONTACT_SHEET_MAX):
+  """One PNG-able grid of overlays, each with its file name under it.
+
+  Args:
+    items: ``(name, thumbnail)`` pairs (`thumbnail`), in input order; only
+      the first ``max_tiles`` are drawn.
+    total: how many overlays there were (default ``len(items)``); the header
+      says "first <max_tiles> of <total>" when the sheet is capped.
+
+  Returns:
+    ``(sheet, layout)``: an RGB PIL image, and per drawn tile ``(name,
+    (x0, y0, x1, y1))``, where its thumbnail was pasted (the name is drawn
+    in the LABEL_HEIGHT strip below the cell).
+  """
+  from PIL import Image, ImageDraw
+  items = list(items)
+  total = len(items) if total is None else total
+  items = items[:max_tiles]
+  n = max(len(items), 1)
+  cols = min(8, int(np.ceil(np.sqrt(n))))
+  rows = -(-n // cols)
+  cell_h = TILE + LABEL_HEIGHT
+  sheet = Image.new("RGB", (cols * TILE, HEADER_HEIGHT + rows * cell_h),
+                    SHEET_BACKGROUND)
+  d = ImageDraw.Draw(sheet)
+  head = (f"{total} overlays" if len(items) == total
+          else f"first {len(items)} of {total} overlays")
+  d.text((2, 2), head, fill=(200, 200, 200))
+  layout = []
+  max_chars = TILE // 6
+  for k, (name, thumb) in enumerate(items):
+    r, c = divmod(k, cols)
+    x = c * TILE + (TILE - thumb.width) // 2
+    y = HEADER_HEIGHT + r * cell_h + (TILE - thumb.height) // 2
+    sheet.paste(thumb, (x, y))
+    layout.append((name, (x, y, x + thumb.width, y + thumb.height)))
+    label = name if len(name) <= max_chars else name[:max_chars - 1] + "~"
+    d.text((c * TILE + 2, HEADER_HEIGHT + r * cell_h + TILE + 1), label,
+           fill=(255, 255, 255))
+  return sheet, layout
+
+
+def write_maps(maps: np.ndarray, maps_dir: pathlib.Path, stem: str
+               ) -> dict[str, str]:
+  """The DeVries maps ``(c, c, 3)`` probabilities as three 8-bit grey PNGs.
+
+  Pixel value ``round(255 * p)``; pixel (row, col) is map pixel (row, col),
+  i.e. the record's ``maps_box`` split into c x c cells. Returns
+  ``{map name: path}`` in `tml.targets.LABEL_MAP_NAMES` order.
+  """
+  from PIL import Image
+  from tml import targets
+  maps_dir.mkdir(parents=True, exist_ok=True)
+  out = {}
+  for k, name in enumerate(targets.LABEL_MAP_NAMES):
+    path = maps_dir / f"{stem}_{name}.png"
+    u8 = np.round(np.clip(maps[..., k], 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(u8).save(path)
+    out[name] = str(path)
+  return out
+
+
 def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
   return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in rec.items()}
 
@@ -158,15 +238,25 @@ def _box_for(boxes, f: pathlib.Path):
 
 
 def run_files(predictor: Predictor, files: Sequence[pathlib.Path], out, *,
-              detect: bool = True, boxes=None, vis_dir=None, chunk: int = 64,
-              progress: bool = True) -> dict[str, int]:
+              detect: bool = True, boxes=None, vis_dir=None, maps_dir=None,
+              chunk: int = 64, progress: bool = True) -> dict[str, Any]:
   """Predicts every file, writes ``out`` JSON Lines; returns the summary.
 
   ``boxes``: optional ``{file or name: box}`` (`read_boxes`); files without
   one get the detector's box (``detect``) or the whole image. ``vis_dir``:
-  also write an overlay PNG per processed file there (`draw_overlay`).
+  also write an overlay PNG per processed file there (`draw_overlay`) and
+  one contact sheet of the first CONTACT_SHEET_MAX overlays
+  (``vis_dir/contact_sheet.png``, `contact_sheet`). ``maps_dir``: where the
+  DeVries maps go (`write_maps`; the record's ``outputs.maps`` names the
+  three PNGs); without it a map-head model's records carry no maps.
+
+  Summary: ``processed``, ``no_face``, ``failed`` counts, and
+  ``contact_sheet`` (its path, or None).
   """
-  summary = {"processed": 0, "no_face": 0, "failed": 0}
+  summary: dict[str, Any] = {"processed": 0, "no_face": 0, "failed": 0,
+                             "contact_sheet": None}
+  thumbs: list[tuple[str, Any]] = []
+  overlays = 0
   for start in range(0, len(files), chunk):
     part = files[start:start + chunk]
     records: list[dict[str, Any] | None] = [None] * len(part)
@@ -184,11 +274,24 @@ def run_files(predictor: Predictor, files: Sequence[pathlib.Path], out, *,
                                 detect=detect, temperature=temp)
         for (i, a), r in zip(items, res):
           records[i] = r
+          stem = f"{start + i:06d}_{part[i].stem}"
+          if "maps" in r:
+            maps = r.pop("maps")
+            if maps_dir is not None:
+              r["maps"] = write_maps(maps, pathlib.Path(maps_dir), stem)
+            else:
+              r.pop("maps_box", None)
           if vis_dir is not None and "error" not in r:
             vis_dir.mkdir(parents=True, exist_ok=True)
-            name = f"{start + i:06d}_{part[i].stem}.png"
-            draw_overlay(predictor.to_grey(a, temperature=temp), r).save(vis_dir / name)
-            r["vis"] = str(vis_dir / name)
+            im = draw_overlay(predictor.to_grey(a, temperature=temp), r)
+            im.save(vis_dir / f"{stem}.png")
+            r["vis"] = str(vis_dir / f"{stem}.png")
+            overlays += 1
+            thumbs.append((start + i, part[i].name, thumbnail(im)))
+    # The first CONTACT_SHEET_MAX in input order (the grey and temperature
+    # groups of a chunk finish out of order).
+    thumbs.sort(key=lambda t: t[0])
+    del thumbs[CONTACT_SHEET_MAX:]
     for f, r in zip(part, records):
       rec = {"file": str(f), "run_id": predictor.run_id, "split": predictor.split}
       if "error" in r:
@@ -197,9 +300,10 @@ def run_files(predictor: Predictor, files: Sequence[pathlib.Path], out, *,
       else:
         rec.update(box=r["box"], status="ok",
                    outputs=_jsonable({k: v for k, v in r.items()
-                                      if k not in ("box", "vis")}))
-        if "vis" in r:
-          rec["vis"] = r["vis"]
+                                      if k not in ("box", "vis", "t_window")}))
+        for k in ("t_window", "vis"):
+          if k in r:
+            rec[k] = r[k]
         summary["processed"] += 1
       out.write(json.dumps(rec) + "\n")
     out.flush()
@@ -208,6 +312,11 @@ def run_files(predictor: Predictor, files: Sequence[pathlib.Path], out, *,
       print(f"\r{done}/{len(files)} files", end="", file=sys.stderr, flush=True)
   if progress and files:
     print(file=sys.stderr)
+  if thumbs:
+    sheet, _ = contact_sheet([(n, t) for _, n, t in thumbs], total=overlays)
+    path = pathlib.Path(vis_dir) / CONTACT_SHEET_NAME
+    sheet.save(path)
+    summary["contact_sheet"] = str(path)
   return summary
 
 
