@@ -81,3 +81,45 @@ def test_stratified_holdout_is_per_class_disjoint_and_fixed():
   assert not np.array_equal(hold, other)
 
 
+
+
+def _fer_faces(n=(400, 60, 60), seed=0):
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, k in zip(("train", "public_test", "private_test"), n):
+    arrays[split] = {"emotion": rng.integers(0, 7, k).astype(np.int32),
+                     "has_landmarks": rng.uniform(size=k) < 0.8,
+                     "landmarks": np.zeros((k, 68, 2), np.float32)}
+  return protocol.Dataset("fer2013_faces", "thermal", tuple("abcdefg"), arrays)
+
+
+def test_chu_on_fer2013_faces_trains_a_fixed_schedule_and_reports_private_test():
+  data = _fer_faces()
+  cfg = config_lib.Config(dataset="fer2013_faces")
+  assert protocol.selection(cfg, data) == "last"
+  split = _split(cfg, data, r=3)
+  assert (split.name, split.index, split.test_name) == ("init_3", 3, "private_test")
+  assert split.select is None and not split.extra_tests and not split.last_tests
+  np.testing.assert_array_equal(split.train_idx, np.arange(400))
+  assert split.test is data.arrays["private_test"]
+  # Settings are chosen on PublicTest; the Chu task has no selection set.
+  val = _split(cfg.replace(test_sets="public_test"), data)
+  assert val.test is data.arrays["public_test"]
+  with pytest.raises(ValueError, match="selection"):
+    protocol.selection(cfg.replace(selection="public_test"), data)
+
+
+def test_train_limit_is_a_fixed_stratified_subset():
+  data = _fer_faces(n=(1000, 10, 10))
+  labels = data.arrays["train"]["emotion"]
+  cfg = config_lib.Config(dataset="fer2013_faces", train_limit=300)
+  a = _split(cfg, data, r=0).train_idx
+  b = _split(cfg, data, r=4).train_idx   # every seed trains on the same images
+  np.testing.assert_array_equal(a, b)
+  assert abs(len(a) - 300) <= 7 and np.all(np.diff(a) > 0)
+  for c in range(7):   # per-class shares within rounding
+    assert abs(np.sum(labels[a] == c) - 300 * np.mean(labels == c)) <= 1
+  assert not np.array_equal(a, _split(cfg.replace(holdout_seed=1), data).train_idx)
+  assert len(_split(cfg.replace(train_limit=0), data).train_idx) == 1000
+  with pytest.raises(config_lib.ConfigError, match="--train_limit"):
+    config_lib.validate(cfg.replace(train_limit=-1))

@@ -128,6 +128,37 @@ def test_padding_rows_do_not_count():
       np.mean(losses.landmark_mse(out["landmarks"], b["landmarks"][:5] / N)), rtol=1e-5)
 
 
+def test_faces_without_landmarks_train_emotion_only():
+  """FER2013 faces the labeller missed (has_landmarks 0): the heatmap and
+  landmark terms average over the other examples only (their placeholder
+  points must not count), the emotion term over all of them."""
+  from tml import losses, targets
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  stage = ts.StageSpec("mix", {"unet": 1.0, "landmark": 1.0, "emotion": 1.0}, 1)
+  model, task, tx, state = _setup(mesh, stage)
+  params0 = jax.device_get(state.params)
+  b = _batch(4)
+  has = np.array([1, 0, 1, 1, 0, 0, 1, 1], np.float32)
+  b["has_landmarks"] = has
+  b["landmarks"][has == 0] = 0.0   # what the input pipeline stores for them
+  step = ts.make_train_step(model, tx, task, stage, mesh)
+  _, m = step(state, parallel.global_batch(b, mesh))
+  out = model.apply({"params": params0}, b["image"])
+  keep = has > 0
+  unet = losses.unet_loss(out["heatmap"], targets.chu_heatmap(b["landmarks"], N, N))
+  lm = losses.landmark_mse(out["landmarks"], b["landmarks"] / N)
+  emo = losses.emotion_mse(out["emotion_logits"], b["emotion"])
+  np.testing.assert_allclose(m["loss/unet"], np.mean(np.asarray(unet)[keep]), rtol=1e-5)
+  np.testing.assert_allclose(m["loss/landmark"], np.mean(np.asarray(lm)[keep]), rtol=1e-5)
+  np.testing.assert_allclose(m["loss/emotion"], np.mean(emo), rtol=1e-5)
+  # A batch with no landmarks at all: zero landmark terms, no NaN.
+  b2 = dict(b, has_landmarks=np.zeros(8, np.float32))
+  fresh = _setup(mesh, stage)[3]   # the first state was donated
+  _, m2 = step(fresh, parallel.global_batch(b2, mesh))
+  assert m2["loss/landmark"] == 0.0 and m2["loss/unet"] == 0.0
+  assert np.isfinite(m2["loss/total"]) and m2["nonfinite"] == 0
+
+
 def test_nonfinite_step_is_not_applied_and_is_recorded():
   mesh = parallel.make_mesh(jax.devices()[:2])
   model, task, tx, state = _setup(mesh, STAGE2)
