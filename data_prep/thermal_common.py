@@ -290,10 +290,12 @@ def choose_box(grey_frame: np.ndarray, landmarks: np.ndarray, crop_mode: str,
 
 
 def points_outside(crop_landmarks: np.ndarray, size: int) -> int:
-  """How many of the crop-frame points lie outside the S x S crop."""
+  """How many of the crop-frame points lie outside the S x S crop (NaN
+  points, masked as missing, are not counted)."""
   p = np.asarray(crop_landmarks, dtype=np.float64)
   inside = (p >= -0.5) & (p <= size - 0.5)
-  return int(np.sum(~inside.all(axis=-1)))
+  finite = np.isfinite(p).all(axis=-1)
+  return int(np.sum(finite & ~inside.all(axis=-1)))
 
 
 def frame_to_crop(points: np.ndarray, box: Sequence[float], size: int

@@ -29,6 +29,12 @@ class Config:
   manual_dir: str = ""
   landmarks_file: str = ""           # fer2013/tfd config dlib68: label68 output
   rebuild: bool = False              # delete the prepared dataset and build it again from --manual_dir
+  # Bad records in --manual_dir: skip and count them (any dataset) instead of
+  # stopping the build. Kopaczka frames with null points: "error" (stop),
+  # "skip" (drop the frame) or "mask" (keep it for the emotion task; its
+  # points leave every landmark loss and metric). Recorded with the build.
+  skip_bad: bool = False
+  missing_points: str = "error"
   image_size: int = 128              # N: network input (thermal crops resized)
   splits: tuple[int, ...] = (0, 1, 2, 3, 4)   # Chu protocol repeats / TFD folds
   # Which parameters are reported, and on what. ``selection``: "auto" (FER2013
@@ -143,6 +149,7 @@ _CHOICES = {
     "lr_schedule": ("constant", "cosine", "step"),
     "selection": ("auto", "last", "public_test", "valid", "holdout"),
     "thermal_split": ("per_image", "subject"),
+    "missing_points": ("error", "skip", "mask"),
 }
 TEST_SETS = ("test", "private_test", "public_test", "public_private", "holdout")
 

@@ -85,7 +85,7 @@ def load(cfg: Config) -> Dataset:
     parallel.barrier("dataset-built")
   arrays = {}
   for split in info.splits:
-    kwargs = {"landmarks_file": cfg.landmarks_file} if cfg.landmarks_file else None
+    kwargs = builder_kwargs(cfg)
     source = input_pipeline.open_source(
         cfg.dataset, data_dir=cfg.data_dir, split=split,
         manual_dir=cfg.manual_dir or None, config=cfg.dataset_config or None,
@@ -105,6 +105,28 @@ def load(cfg: Config) -> Dataset:
               ": use --dataset_config=dlib68 --landmarks_file=<label68 output>"
               if cfg.dataset.startswith("fer2013") else ""))
   return Dataset(cfg.dataset, info.kind, tuple(info.class_names), arrays)
+
+
+def builder_kwargs(cfg: Config) -> dict | None:
+  """The builder keywords a run's config implies (None: none)."""
+  kw: dict = {}
+  if cfg.landmarks_file:
+    kw["landmarks_file"] = cfg.landmarks_file
+  if cfg.dataset == "kopaczka_thermal":
+    kw.update(skip_bad=cfg.skip_bad,
+              skip_missing_points=cfg.missing_points == "skip",
+              mask_missing_points=cfg.missing_points == "mask")
+  elif cfg.dataset.startswith(("fer2013", "tfd")):
+    kw["skip_bad"] = cfg.skip_bad   # always given, so the build records it
+  elif cfg.skip_bad or cfg.missing_points != "error":
+    raise ValueError(f"--skip_bad/--missing_points: {cfg.dataset} is generated, "
+                     "not read from files; they apply to kopaczka_thermal, "
+                     "fer2013(_faces) and tfd")
+  if cfg.missing_points != "error" and cfg.dataset != "kopaczka_thermal":
+    raise ValueError(f"--missing_points={cfg.missing_points}: only "
+                     "kopaczka_thermal has null points (FER2013/TFD faces "
+                     "without landmarks are always kept for the emotion task)")
+  return kw or None
 
 
 def splits(cfg: Config, data: Dataset) -> Iterator[SplitData]:

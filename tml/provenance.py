@@ -8,7 +8,11 @@ records, so `open_source` stores a record of the inputs beside the build
 
   record = {"manual_dir": "/abs/path" or None,
             "files": {"relative/posix/path": [size_bytes, mtime_ns, sha256], ...},
-            "inputs": {"landmarks_file": {"path": ..., "files": {...}}, ...}}
+            "inputs": {"landmarks_file": {"path": ..., "files": {...}}, ...},
+            "options": {"skip_bad": false, ...}}
+
+Build options (the builder keywords that are not paths) are compared
+where both records name them: a build made under other options is refused.
 
 Files are compared by size and modification time first (a stat, what
 ``make`` trusts); a file of the same size whose time changed is hashed and
@@ -114,6 +118,10 @@ def fingerprint(manual_dir, inputs: Mapping[str, Any] | None = None
     if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
       path = os.path.abspath(os.fspath(value))
       record["inputs"][name] = {"path": path, "files": _tree(path)}
+    elif isinstance(value, (bool, int, float)) or value is None:
+      # Build options (skip_bad, mask_missing_points): a build made under
+      # other options holds other records.
+      record.setdefault("options", {})[name] = value
   return record
 
 
@@ -155,6 +163,10 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
                         old.get("files", {}), new.get("files", {}))
     if lines and old["manual_dir"] != new["manual_dir"]:
       lines.insert(0, f"manual_dir: {old['manual_dir']} -> {new['manual_dir']}")
+  old_opt, new_opt = old.get("options", {}), new.get("options", {})
+  for name in sorted(set(old_opt) & set(new_opt)):
+    if old_opt[name] != new_opt[name]:
+      lines.append(f"build option {name}: {old_opt[name]!r} -> {new_opt[name]!r}")
   old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
   for name in sorted(set(old_in) & set(new_in)):
     o, n = old_in[name], new_in[name]

@@ -87,6 +87,11 @@ class KopaczkaThermalConfig(tfds.core.BuilderConfig):
     t_min, t_max: temperature window (degrees C) for .npy frames.
     skip_missing_points: skip frames whose LJSON has a null point instead of
       stopping the build.
+    mask_missing_points: keep frames whose LJSON has null points: the points
+      are stored as NaN, `tml.input_pipeline.load_examples` marks the frame
+      ``has_landmarks`` False, and training uses it for the emotion task only
+      (every landmark loss and metric leaves it out). ``info.metadata``
+      counts the frames and points masked.
     skip_bad: skip (and count) any bad frame instead of stopping the build;
       implies skip_missing_points.
     labels_file: name of the labels CSV inside the manual directory.
@@ -99,6 +104,7 @@ class KopaczkaThermalConfig(tfds.core.BuilderConfig):
   t_max: float = thermal_common.DEFAULT_T_MAX
   skip_missing_points: bool = False
   skip_bad: bool = False
+  mask_missing_points: bool = False
   labels_file: str = "labels.csv"
   crop_mode: str = "facebox"
 
@@ -116,6 +122,25 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
                "landmarks outside their crop.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  # How bad frames are handled, also as constructor keywords (what
+  # `experiments.run` passes for --skip_bad / --missing_points); a keyword
+  # given overrides the config's field. `tml.provenance` records them with
+  # the build, so a build made under other options is refused, not reused.
+  OPTIONS = ("skip_bad", "skip_missing_points", "mask_missing_points")
+
+  def __init__(self, *, skip_bad: bool | None = None,
+               skip_missing_points: bool | None = None,
+               mask_missing_points: bool | None = None, **kwargs):
+    super().__init__(**kwargs)
+    given = {"skip_bad": skip_bad, "skip_missing_points": skip_missing_points,
+             "mask_missing_points": mask_missing_points}
+    self._options = {k: bool(getattr(self.builder_config, k)) if v is None else bool(v)
+                     for k, v in given.items()}
+    if self._options["skip_missing_points"] and self._options["mask_missing_points"]:
+      raise ValueError("kopaczka_thermal: skip_missing_points and "
+                       "mask_missing_points exclude each other")
+
   BUILDER_CONFIGS = [
       KopaczkaThermalConfig(name="default", description="128x128 crops."),
       KopaczkaThermalConfig(name="crop64", crop_size=64,
@@ -152,8 +177,9 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
 
   def _generate_examples(self, manual_dir):
     cfg = self.builder_config
+    opts = self._options
     manual_dir = os.fspath(manual_dir)
-    strict = not cfg.skip_bad
+    strict = not opts["skip_bad"]
     labels_path = os.path.join(manual_dir, cfg.labels_file)
     # A missing or unreadable labels file is never skipped: nothing to build.
     labels, label_errors = reader.read_labels(labels_path, strict=strict)
@@ -166,6 +192,7 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
     skipped = collections.Counter()
     written, frontal = collections.Counter(), collections.Counter()
     self._outside = 0
+    self._masked_frames = self._masked_points = 0
     for err in file_errors:
       skipped[err.reason] += 1
       logging.warning("kopaczka_thermal: skipping: %s", err)
@@ -181,7 +208,7 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
               lm_lib.LandmarkFormatError) as err:
         reason = reader.reason_of(err)
         if strict and not (reason == "missing_points"
-                           and cfg.skip_missing_points):
+                           and opts["skip_missing_points"]):
           raise
         skipped[reason] += 1
         logging.warning("kopaczka_thermal: skipping: %s", err)
@@ -201,12 +228,17 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
     cfg = self.builder_config
     points = lm_lib.read_ljson(frame.ljson_path)
     missing = np.flatnonzero(~np.isfinite(points).all(axis=1)).tolist()
-    if missing:
+    if missing and not self._options["mask_missing_points"]:
       raise thermal_common.format_error(
           frame.ljson_path, f"landmarks.points[{missing[0]}]",
-          "68 [y, x] points (set skip_missing_points=True to skip frames "
-          "with null points)", f"null at indices {missing}",
-          reason="missing_points")
+          "68 [y, x] points (--missing_points=mask keeps such frames for the "
+          "emotion task, --missing_points=skip drops them; builder options "
+          "mask_missing_points / skip_missing_points)",
+          f"null at indices {missing}", reason="missing_points")
+    if missing and len(missing) == len(points):
+      raise thermal_common.format_error(
+          frame.ljson_path, "landmarks.points", "at least one point",
+          "all 68 points null", reason="missing_points")
     image = reader.load_image(frame.image_path)
     grey = thermal_common.to_unit_grey(image, cfg.t_min, cfg.t_max,
                                        source=frame.image_path)
@@ -220,6 +252,9 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
         file_name=os.path.basename(frame.image_path), box=box)
     if thermal_common.points_outside(example["landmarks"], cfg.crop_size):
       self._outside += 1
+    if missing:
+      self._masked_frames += 1
+      self._masked_points += len(missing)
     return example
 
   def _record_summary(self, written, frontal, skipped, unused_rows):
@@ -234,14 +269,18 @@ class KopaczkaThermal(thermal_common.CodePathFromFile,
         "unused_label_rows": unused_rows,
         "crop_mode": self.builder_config.crop_mode,
         "frames_with_points_outside_crop": self._outside,
+        "masked_frames": self._masked_frames,
+        "masked_points": self._masked_points,
+        "options": dict(self._options),
     }
     self.info.metadata.update(summary)
     logging.info(
         "kopaczka_thermal: wrote %d frames (%d frontal); skipped %d %s; "
-        "%d unused label rows; %d frames with landmarks outside their %s crop",
+        "%d unused label rows; %d frames with landmarks outside their %s "
+        "crop; %d frames (%d points) with null points kept, masked",
         summary["num_frames"], summary["num_frontal"], summary["num_skipped"],
         summary["skipped_by_reason"], unused_rows, self._outside,
-        summary["crop_mode"])
+        summary["crop_mode"], self._masked_frames, self._masked_points)
 
 
 _CROP_TEXT = {

@@ -175,8 +175,8 @@ def test_labels_csv_variants(tmp_path):
 # Failure modes: each names the file and the field, and leaves no dataset.
 # ----------------------------------------------------------------------------
 
-def _first(manual, ext):
-  return sorted(n for n in os.listdir(manual) if n.endswith(ext))[0]
+def _first(manual, ext, k=0):
+  return sorted(n for n in os.listdir(manual) if n.endswith(ext))[k]
 
 
 def _corrupt_image(m):
@@ -511,3 +511,72 @@ def test_impossible_points_are_skipped_and_counted_under_skip_bad(
   builder = _build(manual, tmp_path / "tfds", skip_bad=True)
   assert len(builder.as_data_source("train")) == 4
   assert builder.info.metadata["skipped_by_reason"] == {"landmarks": 2}
+
+
+def test_mask_missing_points_keeps_the_frame_for_the_emotion_task(database, tmp_path):
+  """--missing_points=mask: the frame is kept with NaN points; load_examples
+  marks it has_landmarks False (landmark losses and metrics leave it out)."""
+  from tml import input_pipeline as ip
+  manual = str(tmp_path / "manual")
+  shutil.copytree(database[0], manual)
+  name = _first(manual, ".ljson")
+  _null_point(manual)
+  with open(os.path.join(manual, _first(manual, ".ljson", 1)), encoding="utf-8") as f:
+    doc = json.load(f)
+  doc["landmarks"]["points"][3] = None
+  doc["landmarks"]["points"][40] = None
+  with open(os.path.join(manual, _first(manual, ".ljson", 1)), "w") as f:
+    json.dump(doc, f)
+  # As a constructor keyword (what experiments.run passes), over the config.
+  config = KopaczkaThermalConfig(name="test", crop_size=S)
+  builder = KopaczkaThermal(config=config, data_dir=str(tmp_path / "tfds"),
+                            file_format="array_record", mask_missing_points=True)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  meta = builder.info.metadata
+  assert meta["num_frames"] == 6 and meta["num_skipped"] == 0
+  assert (meta["masked_frames"], meta["masked_points"]) == (2, 3)
+  arrays = ip.load_examples(builder.as_data_source("train"), sort_by="file_name")
+  assert arrays["has_landmarks"].sum() == 4
+  masked = ~arrays["has_landmarks"]
+  assert sorted(n.split(".")[0] for n in arrays["file_name"][masked]) == sorted(
+      n.split(".")[0] for n in (name, _first(manual, ".ljson", 1)))
+  nan_points = np.isnan(arrays["landmarks"][masked]).any(axis=-1).sum()
+  assert nan_points == 3
+  assert np.isfinite(arrays["landmarks"][~masked]).all()
+  with pytest.raises(ValueError, match="exclude each other"):
+    KopaczkaThermal(config=config, data_dir=str(tmp_path / "x"),
+                    mask_missing_points=True, skip_missing_points=True)
+
+
+def test_run_flags_reach_the_builder_and_a_build_under_other_options_is_refused(
+    database, tmp_path):
+  from tml import config as config_lib
+  from tml import input_pipeline as ip
+  from tml import protocol
+  from tml import provenance
+  manual = str(tmp_path / "manual")
+  shutil.copytree(database[0], manual)
+  _null_point(manual)
+  cfg = config_lib.Config(dataset="kopaczka_thermal", manual_dir=manual,
+                          data_dir=str(tmp_path / "tfds"), missing_points="skip")
+  kw = protocol.builder_kwargs(cfg)
+  assert kw == {"skip_bad": False, "skip_missing_points": True,
+                "mask_missing_points": False}
+  source = ip.open_source("kopaczka_thermal", data_dir=cfg.data_dir, split="train",
+                          manual_dir=manual, builder_kwargs=kw)
+  assert len(source) == 5
+  mask = protocol.builder_kwargs(cfg.replace(missing_points="mask"))
+  with pytest.raises(provenance.DatasetChanged,
+                     match="build option mask_missing_points: False -> True"):
+    ip.open_source("kopaczka_thermal", data_dir=cfg.data_dir, split="train",
+                   manual_dir=manual, builder_kwargs=mask)
+  source = ip.open_source("kopaczka_thermal", data_dir=cfg.data_dir, split="train",
+                          manual_dir=manual, builder_kwargs=mask, rebuild=True)
+  assert len(source) == 6
+  with pytest.raises(ValueError, match="only kopaczka_thermal has null points"):
+    protocol.builder_kwargs(config_lib.Config(dataset="fer2013", missing_points="mask"))
+  with pytest.raises(ValueError, match="generated"):
+    protocol.builder_kwargs(config_lib.Config(skip_bad=True))
+  with pytest.raises(config_lib.ConfigError, match="--missing_points"):
+    config_lib.validate(cfg.replace(missing_points="drop"))
