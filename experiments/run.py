@@ -10,9 +10,12 @@ works from the repository root and flag files can include each other.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import pathlib
+import re
+import shutil
 import sys
 import typing
 
@@ -55,6 +58,7 @@ flags.DEFINE_boolean(
 _USER_ERRORS = frozenset({
     "tml.config.ConfigError",
     "tml.run_config_guard.ConfigMismatch",
+    "tml.workdir_lock.WorkdirLocked",
     "tml.provenance.DatasetChanged",
     "tml.input_pipeline.DatasetIncomplete",
     "tml.landmarks.LandmarkFormatError",
@@ -107,6 +111,14 @@ def config_from_flags() -> config_lib.Config:
   return config_lib.Config(**kwargs)
 
 
+class _OrbaxThreadErrors(logging.Filter):
+  """Drops orbax's ``[process=N]`` ERROR records (re-raised in the main thread)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR
+                and str(record.msg).startswith("[process="))
+
+
 def _quiet_logging() -> None:
   """Our progress and log lines on the console; library INFO chatter off."""
   from absl import logging as absl_logging
@@ -119,14 +131,63 @@ def _quiet_logging() -> None:
     tml_log.addHandler(handler)
     tml_log.propagate = False
   logging.getLogger("tensorboardX").setLevel(logging.ERROR)
+  if not FLAGS.traceback:
+    # Orbax's background threads log a failed checkpoint write (a full
+    # disk) with full tracebacks before the main thread re-raises it as the
+    # one-line error; --traceback keeps them.
+    logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
+
+
+# A full disk: OSError ENOSPC / EDQUOT, or the same from tensorstore (orbax's
+# array writer), which raises e.g. ValueError('RESOURCE_EXHAUSTED: Error
+# writing ... local file "/w/ckpt/4.orbax-checkpoint-tmp/...": Failed writing:
+# "...": ... No space left on device [os_error_code='28']'). A bare
+# RESOURCE_EXHAUSTED is something else (XLA's out of device memory).
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|"
+                            r"os_error_code='?(28|122)\b|\[Errno (28|122)\]")
+_QUOTED_PATH = re.compile(r'"((?:/|[a-z][a-z0-9+.-]*://)[^"]+)"')
+_ORBAX_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def _chain(exc: BaseException | None):
+  """``exc``, then its causes and contexts (each once)."""
+  seen = set()
+  todo = [exc]
+  while todo:
+    e = todo.pop(0)
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo += [e.__cause__, e.__context__]
+
+
+def _no_space(exc: BaseException) -> bool:
+  if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+    return True
+  return bool(_NO_SPACE_TEXT.search(str(exc)))
+
+
+def disk_full(exc: BaseException) -> BaseException | None:
+  """The "no space left" error in ``exc``'s cause / context chain, or None.
+
+  Contexts count here (not in `user_error`): a full disk makes the cleanup
+  that follows fail too (a checkpoint wait, a log flush), and those later
+  errors are not what the user needs to hear."""
+  return next((e for e in _chain(exc) if _no_space(e)), None)
 
 
 def user_error(exc: BaseException) -> BaseException | None:
   """The input error behind ``exc`` (itself or its ``raise ... from`` cause):
   a data-format, config or resource (OSError: disk, permissions, missing
-  file) error, or a ValueError whose message names a flag; else None."""
+  file; a full disk also when reported by tensorstore) error, or a
+  ValueError whose message names a flag; else None."""
+  full = disk_full(exc)
+  if full is not None:
+    return full
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
@@ -138,8 +199,69 @@ def user_error(exc: BaseException) -> BaseException | None:
   return None
 
 
+def _flag(name: str):
+  try:
+    return getattr(FLAGS, name) if FLAGS.is_parsed() else None
+  except (AttributeError, flags.Error):
+    return None
+
+
+def _mount_point(path: str) -> str | None:
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  while not os.path.ismount(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return path
+
+
+def _size(n: int) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1024 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def no_space_line(exc: BaseException) -> str:
+  """``error: no space left on <path> ...`` for a `disk_full` error."""
+  path, what = None, ""
+  if isinstance(exc, OSError) and exc.filename:
+    path = os.fspath(exc.filename)
+  else:
+    m = _QUOTED_PATH.search(str(exc))
+    if m:
+      path = m.group(1)
+  if path:
+    # A checkpoint being written: name its directory and step, not the
+    # array file inside orbax's temporary folder.
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+      m = _ORBAX_TMP.match(part)
+      if m:
+        path, what = "/".join(parts[:i]) or "/", f" (writing checkpoint {m.group(1)})"
+        break
+  else:
+    workdir = _flag("workdir")
+    path, what = "device", (f" (writing under --workdir={workdir})"
+                            if workdir else "")
+  where = ""
+  if path != "device" and "://" not in path:
+    mount = _mount_point(path)
+    try:
+      free = shutil.disk_usage(mount).free
+      where = f"; file system {mount}, {_size(free)} free"
+    except OSError:
+      pass
+  return (f"error: no space left on {path}{what}{where}. Free some space "
+          "there (or use a --workdir / --data_dir on a larger disk) and rerun "
+          "the same command: the checkpoints already written are intact and "
+          "the run resumes from the latest one")
+
+
 def error_line(exc: BaseException) -> str:
   """``error: <message>`` for a user error (see `user_error`)."""
+  if _no_space(exc):
+    return no_space_line(exc)
   if isinstance(exc, OSError) and exc.strerror and exc.filename:
     return f"error: {exc.filename}: {exc.strerror}"
   return f"error: {exc}"

@@ -195,8 +195,8 @@ def test_user_error_finds_input_errors_and_their_causes():
     assert run.user_error(wrapped) is err
   full = OSError(28, "No space left on device")
   full.filename = "/runs/x/ckpt"
-  assert run.error_line(run.user_error(full)) == (
-      "error: /runs/x/ckpt: No space left on device")
+  assert run.error_line(run.user_error(full)).startswith(
+      "error: no space left on /runs/x/ckpt")
   flag = ValueError("--splits: TFD has folds 0..4, got 7")
   assert run.user_error(flag) is flag
   assert run.user_error(ValueError("shapes (3,) and (4,) differ")) is None
@@ -250,3 +250,215 @@ def test_cli_late_config_errors_come_before_anything_is_written(tmp_path):
   out = _run(["--model=devries", "--stage1_epochs=0"], tmp_path)
   _assert_one_line(out, "--model='devries'", "synthetic_thermal")
   assert not (tmp_path / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# Items 10 and 11: a full disk is one line and loses nothing; metrics.jsonl and
+# the TensorBoard events of a run interrupted any number of times hold exactly
+# the (step, tag, value) triples of an uninterrupted run.
+# -----------------------------------------------------------------------------
+
+def _interrupted_cfg(tmp_path, name):
+  # 56 training images, batch 8: 7 steps per stage; stage 2 is steps 8-14.
+  return _cfg(tmp_path, workdir=str(tmp_path / name), stage1_epochs=1,
+              stage2_epochs=1, checkpoint_every_steps=2)
+
+
+def _jsonl_triples(workdir):
+  from tml import writers
+  out = []
+  for record in writers.read_metrics(pathlib.Path(workdir) / "split_0" /
+                                     "metrics.jsonl"):
+    out += [(record["step"], k, v) for k, v in record.items()
+            if k not in ("step", "time")]
+  return out
+
+
+def _tb_triples(workdir):
+  from tml import writers
+  return writers.read_tensorboard_scalars(pathlib.Path(workdir) / "split_0" /
+                                          "tb")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  mp = pytest.MonkeyPatch()
+  mp.setattr(protocol, "load", lambda cfg: _fake_thermal())
+  try:
+    cfg = _interrupted_cfg(tmp_path_factory.mktemp("ref"), "ref")
+    train.train_and_evaluate(cfg)
+  finally:
+    mp.undo()
+  wd = pathlib.Path(cfg.workdir)
+  return {"jsonl": _jsonl_triples(wd), "tb": _tb_triples(wd),
+          "results": __import__("json").loads((wd / "results.json").read_text())}
+
+
+def _after_log(monkeypatch, stage, step, action):
+  """Runs ``action`` right after ``stage``'s record at its step ``step``."""
+  from tml import writers
+  real = writers.Progress.update
+
+  def update(self, s, **fields):
+    line = real(self, s, **fields)
+    if fields.get("stage") == stage and s == step:
+      action()
+    return line
+  monkeypatch.setattr(writers.Progress, "update", update)
+
+
+def _sigterm():
+  import os
+  import signal
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _sigkill():
+  raise _Killed()
+
+
+def _assert_same_as_uninterrupted(wd, ref):
+  got = _jsonl_triples(wd)
+  steps = [s for s, k, _ in got if k == "stage2/loss/total"]
+  assert steps == list(range(8, 15)), steps   # no gap, no duplicate
+  assert got == ref["jsonl"]
+  assert _tb_triples(wd) == ref["tb"]
+  res = __import__("json").loads((pathlib.Path(wd) / "results.json").read_text())
+  assert res["nme_inter_pupil"] == ref["results"]["nme_inter_pupil"]
+
+
+def test_metrics_after_kills_and_reruns_equal_an_uninterrupted_run(
+    tmp_path, monkeypatch, uninterrupted):
+  monkeypatch.setattr(protocol, "load", lambda cfg: _fake_thermal())
+  cfg = _interrupted_cfg(tmp_path, "run")
+  wd = pathlib.Path(cfg.workdir)
+  # SIGTERM in stage 1: its step's record and checkpoint are kept.
+  with monkeypatch.context() as m:
+    _after_log(m, "stage1", 3, _sigterm)
+    with pytest.raises(train.Preempted, match="SIGTERM at step 3"):
+      train.train_and_evaluate(cfg)
+  # Killed in stage 2 before its first checkpoint: that record must go.
+  with monkeypatch.context() as m:
+    _after_log(m, "stage2", 1, _sigkill)
+    with pytest.raises(_Killed):
+      train.train_and_evaluate(cfg)
+  assert not list((wd / "split_0" / "stage2" / "checkpoints").glob("[0-9]*"))
+  # A NaN stop at stage-2 step 4 (checkpoint 2 kept, records 1-3 logged).
+  real_guard = train._guard
+
+  def guard(state, split, stage):
+    if stage.name == "stage2" and int(state.step) == 4:
+      raise train.TrainingDiverged("split_0/stage2: non-finite loss/landmark "
+                                   "at step 4")
+    return real_guard(state, split, stage)
+  with monkeypatch.context() as m:
+    m.setattr(train, "_guard", guard)
+    with pytest.raises(train.TrainingDiverged, match="step 2"):
+      train.train_and_evaluate(cfg)
+  # SIGTERM in stage 2, then the run that finishes.
+  with monkeypatch.context() as m:
+    _after_log(m, "stage2", 5, _sigterm)
+    with pytest.raises(train.Preempted, match="SIGTERM at step 5"):
+      train.train_and_evaluate(cfg)
+  train.train_and_evaluate(cfg)
+  _assert_same_as_uninterrupted(wd, uninterrupted)
+
+
+class _FullDisk:
+  """A file whose every write fails as on a full disk."""
+
+  def write(self, data):
+    import errno
+    import os
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  def close(self):
+    pass
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes_exactly(
+    tmp_path, monkeypatch, uninterrupted):
+  from experiments import run
+  from tml import checkpoint as checkpoint_lib
+  from tml import writers
+  monkeypatch.setattr(protocol, "load", lambda cfg: _fake_thermal())
+  cfg = _interrupted_cfg(tmp_path, "run")
+  wd = pathlib.Path(cfg.workdir)
+  ckpts = wd / "split_0" / "stage2" / "checkpoints"
+  # metrics.jsonl cannot be appended at step 10 (stage 2, step 3).
+  real_write = writers.MetricWriter.write_scalars
+
+  def write_scalars(self, step, scalars, **kw):
+    if step == 10:
+      self._jsonl.close()
+      self._jsonl = _FullDisk()
+    return real_write(self, step, scalars, **kw)
+  with monkeypatch.context() as m:
+    m.setattr(writers.MetricWriter, "write_scalars", write_scalars)
+    with pytest.raises(OSError) as err:
+      train.train_and_evaluate(cfg)
+  cause = run.user_error(err.value)
+  assert cause is not None
+  line = run.error_line(cause)
+  assert line.startswith(
+      f"error: no space left on {wd / 'split_0' / 'metrics.jsonl'}"), line
+  assert "rerun the same command" in line and "\n" not in line
+  assert sorted(int(p.name) for p in ckpts.glob("[0-9]*")) == [2]
+  assert not (wd / wl_name()).exists()   # the lock went with the run
+
+  # orbax's array writer (tensorstore) fails writing checkpoint 4.
+  real_save = checkpoint_lib.Checkpointer.save
+
+  def save(self, step, state, meta, **kw):
+    if "stage2" in str(self.directory) and step == 4:
+      raise ValueError(
+          'RESOURCE_EXHAUSTED: Error writing "params/w/0.0" in OCDBT database '
+          f'at local file "{self.directory}/4.orbax-checkpoint-tmp/state/'
+          'ocdbt.process_0/": Failed writing: "..." Failed to write 20152 '
+          "bytes to file 4: No space left on device [os_error_code='28']")
+    return real_save(self, step, state, meta, **kw)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint_lib.Checkpointer, "save", save)
+    with pytest.raises(ValueError) as err:
+      train.train_and_evaluate(cfg)
+  line = run.error_line(run.user_error(err.value))
+  assert line.startswith(f"error: no space left on {ckpts} (writing "
+                         "checkpoint 4)"), line
+  assert sorted(int(p.name) for p in ckpts.glob("[0-9]*")) == [2]
+
+  train.train_and_evaluate(cfg)   # space freed: resumes from checkpoint 2
+  _assert_same_as_uninterrupted(wd, uninterrupted)
+
+
+def wl_name():
+  from tml import workdir_lock
+  return workdir_lock.LOCK_NAME
+
+
+def test_resource_exhausted_is_disk_full_only_with_enospc():
+  from experiments import run
+  full = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local '
+      'file "/runs/x/split_0/stage2/checkpoints/12.orbax-checkpoint-tmp/state.'
+      'orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/runs/x/'
+      'split_0/stage2/checkpoints/12.orbax-checkpoint-tmp/state.orbax-'
+      'checkpoint-tmp/ocdbt.process_0/d/e3c8": Failed to write 201525 bytes '
+      "to file 4: No space left on device [os_error_code='28']")
+  assert run.user_error(full) is full
+  line = run.error_line(full)
+  assert line.startswith("error: no space left on /runs/x/split_0/stage2/"
+                         "checkpoints (writing checkpoint 12)"), line
+  # Wrapped, or replaced by the errors of the cleanup it caused.
+  try:
+    try:
+      raise full
+    finally:
+      raise RuntimeError("cannot schedule new futures after shutdown")
+  except RuntimeError as later:
+    assert run.user_error(later) is full
+  # Out of device memory is not a full disk (and not a user error).
+  oom = ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                   "allocate 68719476736 bytes.")
+  assert run.user_error(oom) is None
+  bare = OSError(28, "No space left on device")   # a failed write() has no path
+  assert run.error_line(bare).startswith("error: no space left on device")

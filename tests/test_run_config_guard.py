@@ -81,6 +81,21 @@ def test_workdir_without_results_takes_the_new_config(tmp_path):
   guard.check_workdir(cfg.replace(batch_size=32), workdir)
 
 
+def test_checkpoints_without_a_config_are_refused(tmp_path):
+  """Seen here: a killed run saved its SIGTERM checkpoint after its workdir
+  was deleted; the next run found split_0/stage2 checkpoints and no
+  config.json, and would have resumed another config's training."""
+  cfg = Config()
+  ckpt = tmp_path / "run" / "init_0" / "stage2" / "checkpoints" / "170"
+  ckpt.mkdir(parents=True)
+  (ckpt / "state").write_text("x")
+  with pytest.raises(guard.ConfigMismatch, match=r"1 file\(s\) of a run .* no config.json"):
+    guard.check_workdir(cfg, tmp_path / "run")
+  empty = tmp_path / "empty"
+  (empty / "split_0").mkdir(parents=True)   # folders alone hold nothing
+  guard.check_workdir(cfg, empty)
+
+
 def test_fields_missing_from_stored_config_count_as_defaults(tmp_path):
   cfg = Config()
   workdir = _workdir(tmp_path, cfg)

@@ -257,3 +257,132 @@ def test_config_to_dict_dataclass():
 
   assert writers.config_to_dict(Cfg()) == {
       "name": "chu", "lr": 1e-4, "path": "/data", "sizes": [64, 128]}
+
+
+# ----------------------------------------------------------------------------
+# Issue 11, items 10 and 11: exact logs after kills; a full disk names the file.
+# ----------------------------------------------------------------------------
+
+
+def _jsonl_triples(path):
+  return [(r["step"], k, v) for r in writers.read_metrics(path)
+          for k, v in r.items() if k not in ("step", "time")]
+
+
+def _log(writer, steps, scale=1.0):
+  for step in steps:
+    writer.write_scalars(step, {"loss": step * scale, "lr": 0.5},
+                         prefix="train")
+
+
+def _want(steps, scale=1.0):
+  return [t for s in steps for t in ((s, "train/loss", s * scale),
+                                     (s, "train/lr", 0.5))]
+
+
+def test_every_call_is_on_disk_when_it_returns(tmp_path):
+  """A SIGKILL right after a log call loses nothing, TensorBoard included
+  (tensorboardX's SummaryWriter queues events for up to flush_secs)."""
+  writer = writers.MetricWriter(tmp_path)
+  _log(writer, [1, 2, 3])
+  # Not closed, not flushed: read as a killed process leaves it.
+  assert _jsonl_triples(tmp_path / "metrics.jsonl") == _want([1, 2, 3])
+  assert writers.read_tensorboard_scalars(tmp_path / "tb") == _want([1, 2, 3])
+  writer.close()
+
+
+def test_resume_keeps_the_checkpoint_step_and_relogs_the_rest(tmp_path):
+  """Checkpoint at step 4, killed after logging step 6: steps 1-4 stay
+  (step 4 was logged before its checkpoint), 5-6 are logged again."""
+  dead = writers.MetricWriter(tmp_path)
+  _log(dead, range(1, 7), scale=-1.0)   # the dead run's values
+  with writers.MetricWriter(tmp_path, resume_step=4) as writer:
+    _log(writer, [5, 6])
+  want = _want(range(1, 5), scale=-1.0) + _want([5, 6])
+  assert _jsonl_triples(tmp_path / "metrics.jsonl") == want
+  assert writers.read_tensorboard_scalars(tmp_path / "tb") == want
+  dead.close()
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_lines(tmp_path):
+  with writers.MetricWriter(tmp_path) as first:   # stage 1, steps 1-3: done
+    _log(first, [1, 2, 3])
+  with writers.MetricWriter(tmp_path, resume_step=3) as dead:  # stage 2 dies
+    _log(dead, [4, 5], scale=-1.0)
+  with writers.MetricWriter(tmp_path, resume_step=3) as rerun:  # afresh
+    _log(rerun, [4, 5, 6])
+  want = _want(range(1, 7))
+  assert _jsonl_triples(tmp_path / "metrics.jsonl") == want
+  assert writers.read_tensorboard_scalars(tmp_path / "tb") == want
+  # Each run wrote its own event file, in the order TensorBoard sorts them.
+  files = sorted((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert len(files) == 3
+
+
+def test_purge_step_keeps_tensorboardx_meaning(tmp_path):
+  with writers.MetricWriter(tmp_path) as writer:
+    _log(writer, [1, 2, 3])
+  with writers.MetricWriter(tmp_path, purge_step=3):
+    pass
+  assert [s for s, _, _ in _jsonl_triples(tmp_path / "metrics.jsonl")] == [
+      1, 1, 2, 2]
+  with pytest.raises(ValueError):
+    writers.MetricWriter(tmp_path, purge_step=3, resume_step=2)
+
+
+def test_torn_event_record_is_dropped(tmp_path):
+  with writers.MetricWriter(tmp_path) as writer:
+    _log(writer, [1, 2])
+    path = writer.event_file
+  data = path.read_bytes()
+  path.write_bytes(data[:-7])   # killed mid-record
+  assert writers.read_tensorboard_scalars(tmp_path / "tb") == _want([1])
+
+
+class _FullDisk:
+  """Stands in for a file on a full disk."""
+
+  def write(self, data):
+    import errno
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  def close(self):
+    pass
+
+
+def test_a_full_disk_raises_naming_the_file(tmp_path):
+  import errno
+  with writers.MetricWriter(tmp_path) as writer:
+    _log(writer, [1])
+    writer._jsonl.close()
+    writer._jsonl = _FullDisk()
+    with pytest.raises(OSError) as err:
+      _log(writer, [2])
+    assert err.value.errno == errno.ENOSPC
+    assert err.value.filename == str(tmp_path / "metrics.jsonl")
+  with writers.MetricWriter(tmp_path, resume_step=1) as writer:
+    writer._tb._file.close()
+    writer._tb._file = _FullDisk()
+    with pytest.raises(OSError) as err:
+      _log(writer, [2])
+    assert err.value.errno == errno.ENOSPC
+    assert err.value.filename == str(writer.event_file)
+
+
+def test_run_info_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+  import errno
+  writers.write_run_info(tmp_path, {"lr": 1.0}, enabled=True)
+  real = pathlib.Path.write_text
+
+  def write_text(self, *a, **kw):
+    if self.name.endswith(".tmp"):
+      real(self, "{partial")   # what a full disk leaves
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(self, *a, **kw)
+  monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+  with pytest.raises(OSError) as err:
+    writers.write_run_info(tmp_path, {"lr": 2.0}, enabled=True)
+  assert err.value.errno == errno.ENOSPC
+  assert err.value.filename == str(tmp_path / "config.json")
+  assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 1.0}
+  assert not list(tmp_path.glob("*.tmp"))

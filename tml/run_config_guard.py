@@ -21,6 +21,10 @@ having been their default. Fields only the stored config has (removed from
 `check_start` also honours ``rebuild`` (``--rebuild``): once the config
 passes, the prepared dataset is deleted so that the run builds it again
 from the current ``manual_dir`` (see `tml.input_pipeline.open_source`).
+
+`locked` (`tml.workdir_lock.hold`) is held around the whole run, taken
+before `check_start`, so that two runs never both pass the check and write
+the same workdir.
 """
 from __future__ import annotations
 
@@ -30,13 +34,20 @@ import logging
 import pathlib
 from typing import Any, Mapping
 
+from tml import workdir_lock
+
 log = logging.getLogger("tml")
+
+# One run per workdir: ``with locked(workdir, enabled=is_main): ...``.
+locked = workdir_lock.hold
+WorkdirLocked = workdir_lock.WorkdirLocked
 
 CONFIG_NAME = "config.json"
 # Files `writers.write_run_info` writes before training starts; a workdir
 # with nothing else in it holds no results to protect.
+# The lock file of the run in progress is no result either.
 _RUN_INFO_FILES = {"config.json", "run_info.json", "config.json.tmp",
-                   "run_info.json.tmp"}
+                   "run_info.json.tmp", workdir_lock.LOCK_NAME}
 
 # Why each may change on resume:
 ALLOWED = {
@@ -122,6 +133,17 @@ def check_workdir(cfg, workdir) -> None:
   workdir = pathlib.Path(workdir).expanduser()
   path = workdir / CONFIG_NAME
   if not path.exists():
+    if workdir.is_dir() and _has_results(workdir):
+      # Checkpoints or results without the config they belong to (a killed
+      # run's late checkpoint written after its workdir was cleared, files
+      # copied in by hand): resuming them would mix two runs silently.
+      found = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
+                     if p.is_file() and p.name not in _RUN_INFO_FILES)
+      raise ConfigMismatch(
+          f"{workdir} holds {len(found)} file(s) of a run (first: {found[0]}) "
+          f"but no {CONFIG_NAME}, so nothing tells which config they belong "
+          "to; refusing to resume them. Delete or move them, or use a new "
+          "--workdir")
     return
   try:
     stored = json.loads(path.read_text())

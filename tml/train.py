@@ -62,11 +62,11 @@ def build_model(cfg: Config, data: protocol.Dataset):
         dtype=dtype)
   if cfg.model == "basic_cnn":
     return models.build_model("basic_cnn", input_size=cfg.image_size,
-                              fc_width=cfg.fc_width)
+                              fc_width=cfg.fc_width, dtype=dtype)
   if cfg.model == "devries":
     return models.build_model("devries", num_classes=data.num_classes,
                               map_head=cfg.map_head, map_size=cfg.crop_size,
-                              dropout_rate=cfg.dropout)
+                              dropout_rate=cfg.dropout, dtype=dtype)
   raise ValueError(f"--model={cfg.model!r}: unknown; known: {models.model_names()}")
 
 
@@ -268,7 +268,7 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
   start = int(state.step)
   is_main = jax.process_index() == 0
   writer = writers.MetricWriter(split_dir, enabled=is_main,
-                                purge_step=step_offset + start if start else None)
+                                resume_step=step_offset + start)
   progress = writers.Progress(total, initial_step=start, batch_size=cfg.batch_size,
                               enabled=is_main)
   best = meta.get("best")
@@ -354,13 +354,24 @@ def _kept_checkpoint(ckpt, stage_dir) -> str:
 # The whole run
 # =============================================================================
 def train_and_evaluate(cfg: Config) -> dict[str, Any]:
-  """Runs every split of the protocol; writes results under ``cfg.workdir``."""
+  """Runs every split of the protocol; writes results under ``cfg.workdir``.
+
+  Process 0 holds the workdir's lock for the whole run (a second run on the
+  same workdir is refused: `tml.workdir_lock`).
+  """
   workdir = pathlib.Path(cfg.workdir).expanduser()
   is_main = jax.process_index() == 0
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_config_guard.check_start(cfg, workdir)
-    writers.write_run_info(workdir, cfg.to_dict())
+  with run_config_guard.locked(workdir, enabled=is_main):
+    if is_main:
+      workdir.mkdir(parents=True, exist_ok=True)
+      run_config_guard.check_start(cfg, workdir)
+      writers.write_run_info(workdir, cfg.to_dict())
+    return _train_and_evaluate(cfg, workdir, is_main)
+
+
+def _train_and_evaluate(cfg: Config, workdir: pathlib.Path,
+                        is_main: bool) -> dict[str, Any]:
+  """`train_and_evaluate` once the workdir is locked and checked."""
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(cfg.batch_size, mesh, "batch_size")
   parallel.check_batch_divisible(cfg.eval_batch_size, mesh, "eval_batch_size")

@@ -12,12 +12,36 @@ values are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``, which
 keeps every line valid JSON (bare NaN is not) and keeps NaN apart from inf for
 divergence post-mortems; ``float(v)`` reads every value back, strings
 included.
+
+Resuming exactly (issue 11, item 11): a run that resumes from a checkpoint
+at step T (or starts a stage afresh after a run that died before its first
+checkpoint) passes ``resume_step=T``. Every record up to T, T itself included,
+was logged before that checkpoint was written, so it stays; every record after
+T comes from the run that died and is logged again by this one, so it goes
+from ``metrics.jsonl`` and is purged in TensorBoard. After any sequence of
+kills (SIGTERM, SIGKILL, a NaN stop, a full disk) and reruns, both hold the
+(step, tag, value) triples of an uninterrupted run; only wall times differ.
+
+TensorBoard events are written here, synchronously, not by tensorboardX's
+``SummaryWriter``: that one queues events for a thread that flushes every
+``flush_secs``, so a SIGKILL loses queued events the checkpoint already
+covers (the resumed run never writes them again), and a failing write (a
+full disk) kills the thread, after which the writer blocks for ever on its
+full queue. Each resumed run opens a new event file whose first events are
+tensorboardX's purge marker (``SessionLog.START`` at step T + 1): TensorBoard
+hides the events at steps >= T + 1 of the earlier files (it does not delete
+them from the files). `read_tensorboard_scalars` reads the triples back with
+the same rule.
+
+A write that fails (``ENOSPC``: disk full; permissions) raises an ``OSError``
+naming the file, at the call that failed.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import datetime
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -25,7 +49,9 @@ import math
 import os
 import pathlib
 import platform
+import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -77,11 +103,36 @@ def _tag(prefix: str, name: str) -> str:
   return prefix + name if prefix.endswith("/") else f"{prefix}/{name}"
 
 
+def _with_path(error: OSError, path: str | os.PathLike[str]) -> OSError:
+  """``error`` with ``path`` as its filename (a failed ``write`` has none)."""
+  if error.filename:
+    return error
+  return OSError(error.errno, error.strerror or str(error), os.fspath(path))
+
+
+def _write_all(f, data: bytes) -> None:
+  """Writes all of ``data`` to the unbuffered binary file ``f``.
+
+  A short write (the disk filled up mid-record) is retried, and the retry
+  raises the ``OSError``; what was written is a torn last record, which the
+  readers drop.
+  """
+  view = memoryview(data)
+  while view:
+    n = f.write(view)
+    if not n:   # no progress: a full disk that did not say so
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    view = view[n:]
+
+
 def _repair_jsonl(path: pathlib.Path, purge_step: int | None) -> None:
   """Drops a torn last line (a kill mid-write) and records >= purge_step."""
   if not path.exists():
     return
-  text = path.read_text()
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise _with_path(e, path) from e
   lines = text.splitlines()
   keep = []
   for i, line in enumerate(lines):
@@ -96,8 +147,125 @@ def _repair_jsonl(path: pathlib.Path, purge_step: int | None) -> None:
   if len(keep) == len(lines) and (not text or text.endswith("\n")):
     return
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(line + "\n" for line in keep))
+  try:
+    tmp.write_text("".join(line + "\n" for line in keep))
+  except OSError as e:
+    tmp.unlink(missing_ok=True)   # the old file is left as it was
+    raise _with_path(e, tmp) from e
   os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# TensorBoard event files, written synchronously.
+# ----------------------------------------------------------------------------
+
+_EVENT_PREFIX = "events.out.tfevents."
+_EVENT_TIME = re.compile(r"events\.out\.tfevents\.(\d+)\.")
+
+
+def _tb_modules():
+  """tensorboardX's summary builders, Event proto and record CRC (no torch)."""
+  _import_tensorboardx()
+  # pylint: disable=g-import-not-at-top
+  from tensorboardX import summary
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+  # pylint: enable=g-import-not-at-top
+  return summary, event_pb2, masked_crc32c
+
+
+def _frame(data: bytes, crc) -> bytes:
+  """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
+  header = struct.pack("<Q", len(data))
+  return (header + struct.pack("<I", crc(header)) + data
+          + struct.pack("<I", crc(data)))
+
+
+class _EventFile:
+  """One TensorBoard event file in ``logdir``, appended without a thread.
+
+  Named ``events.out.tfevents.<seconds>.<host>.<pid>``; the seconds are
+  bumped past every event file already there, so that the files sort (as
+  TensorBoard reads them) in the order they were written, however quick a
+  rerun is.
+  """
+
+  def __init__(self, logdir: pathlib.Path, purge_step: int | None):
+    self.summary, self._event_pb2, self._crc = _tb_modules()
+    logdir.mkdir(parents=True, exist_ok=True)
+    stamp = int(time.time())
+    for p in logdir.glob(_EVENT_PREFIX + "*"):
+      m = _EVENT_TIME.match(p.name)
+      if m:
+        stamp = max(stamp, int(m.group(1)) + 1)
+    self.path = logdir / (f"{_EVENT_PREFIX}{stamp:010d}."
+                          f"{socket.gethostname()}.{os.getpid()}")
+    try:
+      self._file = open(self.path, "xb", buffering=0)
+    except OSError as e:
+      raise _with_path(e, self.path) from e
+    event = self._event_pb2.Event
+    now = time.time()
+    first = [event(wall_time=now, step=purge_step or 0,
+                   file_version="brain.Event:2")]
+    if purge_step is not None:
+      # What tensorboardX writes for purge_step: TensorBoard drops the
+      # events at steps >= purge_step that it read before this one.
+      first.append(event(wall_time=now, step=purge_step,
+                         session_log=self._event_pb2.SessionLog(
+                             status=self._event_pb2.SessionLog.START)))
+    self.write(first)
+
+  def event(self, summary, step: int, walltime: float):
+    return self._event_pb2.Event(summary=summary, step=int(step),
+                                 wall_time=walltime)
+
+  def write(self, events) -> None:
+    data = b"".join(_frame(e.SerializeToString(), self._crc) for e in events)
+    try:
+      _write_all(self._file, data)
+    except OSError as e:
+      raise _with_path(e, self.path) from e
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _read_event_file(path: pathlib.Path):
+  """The events of one file, in order; stops at a torn or corrupt record."""
+  _, event_pb2, crc = _tb_modules()
+  data = pathlib.Path(path).read_bytes()
+  pos = 0
+  while pos + 12 <= len(data):
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack("<Q", header)
+    (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    end = pos + 12 + length
+    if header_crc != crc(header) or end + 4 > len(data):
+      return
+    payload = data[pos + 12:end]
+    if struct.unpack("<I", data[end:end + 4])[0] != crc(payload):
+      return
+    yield event_pb2.Event.FromString(payload)
+    pos = end + 4
+
+
+def read_tensorboard_scalars(logdir: str | os.PathLike[str]
+                             ) -> list[tuple[int, str, float]]:
+  """``(step, tag, value)`` of every scalar in ``logdir``'s event files as
+  TensorBoard shows them: files in name order, and a purge marker
+  (``SessionLog.START`` at step S) drops the earlier scalars at steps >= S."""
+  _, event_pb2, _ = _tb_modules()
+  start = event_pb2.SessionLog.START
+  out: list[tuple[int, str, float]] = []
+  for path in sorted(pathlib.Path(logdir).glob(_EVENT_PREFIX + "*")):
+    for event in _read_event_file(path):
+      if event.HasField("session_log") and event.session_log.status == start:
+        out = [t for t in out if t[0] < event.step]
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          out.append((int(event.step), value.tag, float(value.simple_value)))
+  return out
 
 
 class MetricWriter:
@@ -106,20 +274,33 @@ class MetricWriter:
   Files: ``workdir/tb/events.out.tfevents.*`` and ``workdir/metrics.jsonl``
   (appended; a resumed run continues the same file). Every method is a no-op
   when ``enabled`` is False, so all processes can call it unconditionally.
+  Every call is on disk (in the OS) when it returns, so a killed run keeps
+  everything it logged.
   """
 
   def __init__(self, workdir: str | os.PathLike[str], *, enabled: bool = True,
+               resume_step: int | None = None,
                purge_step: int | None = None):
     """Opens the writers.
 
     Args:
       workdir: the run directory (created if needed).
       enabled: False on processes other than 0.
-      purge_step: when resuming from a checkpoint at step T, pass T: records
-        at steps >= T, logged after that checkpoint by the run that died, are
-        dropped from metrics.jsonl and hidden in TensorBoard, so the curves
-        read as one uninterrupted run.
+      resume_step: the step this run continues from: its checkpoint's step,
+        or, for a stage that starts afresh, the last step before it (0 for
+        the first stage). Records at steps > resume_step were logged by a run
+        that died after that point (also before its first checkpoint, or at a
+        NaN stop) and are logged again by this one: they are dropped from
+        metrics.jsonl and purged in TensorBoard, so the curves hold exactly
+        the records of one uninterrupted run. Records at resume_step stay
+        (they were logged before its checkpoint was written).
+      purge_step: the same as ``resume_step=purge_step - 1`` (tensorboardX's
+        convention: records at steps >= purge_step go). Give one of the two.
     """
+    if resume_step is not None:
+      if purge_step is not None:
+        raise ValueError("give resume_step or purge_step, not both")
+      purge_step = int(resume_step) + 1
     self.enabled = enabled
     self.workdir = pathlib.Path(workdir)
     self._tb = None
@@ -129,10 +310,17 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.metrics_path = self.workdir / METRICS_FILE
     _repair_jsonl(self.metrics_path, purge_step)
-    tensorboardx = _import_tensorboardx()
-    self._tb = tensorboardx.SummaryWriter(
-        str(self.workdir / TB_DIR), purge_step=purge_step, flush_secs=30)
-    self._jsonl = open(self.metrics_path, "a", encoding="utf-8")
+    self._tb = _EventFile(self.workdir / TB_DIR, purge_step)
+    try:
+      self._jsonl = open(self.metrics_path, "ab", buffering=0)
+    except OSError as e:
+      self._tb.close()
+      raise _with_path(e, self.metrics_path) from e
+
+  @property
+  def event_file(self) -> pathlib.Path | None:
+    """This writer's TensorBoard event file (None when disabled)."""
+    return None if self._tb is None else self._tb.path
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], *,
                     prefix: str = "") -> None:
@@ -144,47 +332,62 @@ class MetricWriter:
         values with one ``jax.device_get`` beforehand to avoid one transfer
         per value). Names become ``prefix/name``.
       prefix: e.g. "train" or "eval"; a trailing "/" is optional.
+
+    Raises:
+      OSError: naming metrics.jsonl or the event file, when a write fails
+        (``errno.ENOSPC``: the disk is full).
     """
     if not self.enabled:
       return
     step = int(step)
     record: dict[str, Any] = {"step": step, "time": time.time()}
+    summary = None   # one event (one TFRecord) per call, like the JSON line
     for name, value in scalars.items():
       tag = _tag(prefix, name)
       if tag in ("step", "time"):
         raise ValueError(f"scalar name {tag!r} is reserved in {METRICS_FILE}")
       record[tag] = json_number(value)
-      self._tb.add_scalar(tag, float(value), step, walltime=record["time"])
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    # Flushed per call so the file can be tailed and survives a kill; log
-    # calls are every N steps, so this costs nothing measurable.
-    self._jsonl.flush()
+      one = self._tb.summary.scalar(tag, float(value))
+      if summary is None:
+        summary = one
+      else:
+        summary.value.extend(one.value)
+    events = ([] if summary is None else
+              [self._tb.event(summary, step, record["time"])])
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    # metrics.jsonl first: a torn last line is dropped on resume, and a
+    # record that reached only one of the two files is at a step after the
+    # last checkpoint, which the resumed run purges from both.
+    try:
+      _write_all(self._jsonl, line)
+    except OSError as e:
+      raise _with_path(e, self.metrics_path) from e
+    self._tb.write(events)
 
   def write_text(self, step: int, texts: Mapping[str, str]) -> None:
     """Logs strings (e.g. the config as Markdown) to TensorBoard's text tab."""
     if not self.enabled:
       return
-    for tag, text in texts.items():
-      self._tb.add_text(tag, str(text), int(step))
+    now = time.time()
+    self._tb.write([self._tb.event(self._tb.summary.text(tag, str(text)),
+                                   step, now) for tag, text in texts.items()])
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     """Logs ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)`` images in [0, 1]."""
     if not self.enabled:
       return
+    now, events = time.time(), []
     for tag, image in images.items():
       image = np.asarray(image, dtype=np.float32)
       if image.ndim == 2:
         image = image[..., None]
-      if image.ndim == 3:
-        self._tb.add_image(tag, image, int(step), dataformats="HWC")
-      else:
-        self._tb.add_images(tag, image, int(step), dataformats="NHWC")
+      fmt = "HWC" if image.ndim == 3 else "NHWC"
+      events.append(self._tb.event(
+          self._tb.summary.image(tag, image, dataformats=fmt), step, now))
+    self._tb.write(events)
 
   def flush(self) -> None:
-    if not self.enabled:
-      return
-    self._tb.flush()
-    self._jsonl.flush()
+    """Nothing to do: every call is written when it returns."""
 
   def close(self) -> None:
     if not self.enabled or self._tb is None:
@@ -454,7 +657,11 @@ def config_to_dict(config: Any) -> Any:
 def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   text = json.dumps(obj, indent=2, sort_keys=True, default=str)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text + "\n")
+  try:
+    tmp.write_text(text + "\n")
+  except OSError as e:
+    tmp.unlink(missing_ok=True)   # a full disk: the old file stays as it was
+    raise _with_path(e, path) from e
   os.replace(tmp, path)
 
 
