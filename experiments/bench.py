@@ -4,6 +4,7 @@ r"""Side-by-side train-step benchmark: tml's JAX step vs PyTorch eager and torch
     python -m experiments.bench --device=gpu         # jax[cuda] + torch CUDA
     python -m experiments.bench --models=devries --repeats=9
     python -m experiments.bench --quick --out=/tmp/b.json --markdown=/tmp/b.md
+    python -m experiments.bench --dtype=float32,bfloat16  # both precisions
 
 What is measured, in ONE process, interleaved: for every benchmark (Chu
 U-Net stage 2 and stage 1, the basic CNN, the DeVries net) the runners -- the
@@ -17,8 +18,14 @@ warm-up.
   * The JAX step is THE train step, ``tml.train_step.make_train_step``
     (shard_map over a one-device mesh, state donated), on a device-resident
     batch; the torch steps (``experiments.bench_torch``) do the same work from
-    the same initial weights. Float32 everywhere (``--precision=float32``
-    also turns TF32 off in both frameworks on GPU).
+    the same initial weights. ``--dtype`` picks the compute dtype(s), one
+    row group per model and dtype, side by side: float32 (``--precision=
+    float32`` also turns TF32 off in both frameworks on GPU) and/or
+    bfloat16 mixed precision (the models' ``dtype=bfloat16``: convs and
+    dense layers in bf16, params, optimizer state, losses and softmax in
+    float32; torch: the twins under ``torch.autocast(bfloat16)``, float32
+    params and fused optimizer). A group's matmul peak (jnp.dot, torch.mm)
+    is measured in its dtype, and its "% peak" is relative to that.
   * Compile time: first call minus the median step (JAX: trace + XLA
     compile; torch.compile: dynamo + inductor, forward and backward).
   * FLOPs per step: XLA's cost analysis of the compiled step; achieved FLOP/s
@@ -68,6 +75,7 @@ CPU_XLA_FLAGS = " ".join(run_lib.CPU_XLA_FLAGS)   # the flags experiments.run se
 MODEL_CHOICES = ("chu_unet", "chu_unet/stage2", "chu_unet/stage1",
                  "basic_cnn", "devries")
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
+DTYPES = ("float32", "bfloat16")
 
 
 # ============================================================================
@@ -93,9 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=None,
                  help="untimed steps after the first call (default 1)")
   p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+  p.add_argument("--dtype", default="float32",
+                 help="comma list of compute dtypes, each a row group per "
+                 "model: %s (bfloat16 = mixed precision: bf16 convs/dense, "
+                 "float32 params, optimizer state and losses)"
+                 % ", ".join(DTYPES))
   p.add_argument("--precision", default="float32",
                  choices=("float32", "tf32"),
-                 help="float32: full-precision matmuls/convs in both "
+                 help="the float32 rows: full-precision matmuls/convs in both "
                  "frameworks (TF32 off on GPU); tf32: both may use TF32")
   p.add_argument("--cpu_xla_flags", default=CPU_XLA_FLAGS,
                  help="XLA_FLAGS added on CPU (default %(default)s)")
@@ -112,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   args.models = _split(args.models, MODEL_CHOICES, "--models")
   args.frameworks = _split(args.frameworks, FRAMEWORKS, "--frameworks")
+  args.dtypes = list(dict.fromkeys(_split(args.dtype, DTYPES, "--dtype")))
   if args.repeats is None:
     args.repeats = 2 if args.quick else 5
   if args.min_time is None:
@@ -178,9 +192,22 @@ class Workload:
   image_size: int                # of the batch's images (48 for DeVries)
   augment_task: Any = None       # TaskSpec with augmentation (DeVries)
   description: str = ""
+  dtype: str = "float32"         # compute dtype (tml.models.COMPUTE_DTYPES)
+
+  @property
+  def label(self) -> str:
+    """``name`` plus the dtype, e.g. ``devries [bfloat16]``."""
+    return f"{self.name} [{self.dtype}]"
 
 
 def make_workloads(args, on_gpu: bool) -> list[Workload]:
+  """One workload per model and ``--dtype``, the dtypes of a model adjacent."""
+  base = _model_workloads(args, on_gpu)
+  return [dataclasses.replace(w, dtype=d) for w in base
+          for d in getattr(args, "dtypes", ["float32"])]
+
+
+def _model_workloads(args, on_gpu: bool) -> list[Workload]:
   from tml import train_step as ts
   q = args.quick
   bs = lambda default: args.batch_size or (4 if q else default)
@@ -320,6 +347,7 @@ def main(argv=None) -> dict:
       "config": {"models": args.models, "frameworks": args.frameworks,
                  "repeats": args.repeats, "min_time_s": args.min_time,
                  "warmup": args.warmup, "quick": args.quick,
+                 "dtypes": args.dtypes,
                  "precision": args.precision, "matmul_n": matmul_n,
                  "device": "gpu" if gpu else "cpu", **tconf,
                  "jax_compilation_cache_dir": os.environ.get(
@@ -332,12 +360,17 @@ def main(argv=None) -> dict:
   log(f"bench: {info['cpu_model']} x{threads}, jax {jax_device}, torch "
       f"{torch_device}, XLA_FLAGS={info['xla_flags']!r}")
 
+  from tml import models
+  params_of = {}   # one init per model: every dtype starts from the same weights
   for w in make_workloads(args, gpu):
-    log(f"\n== {w.name} (batch {w.batch_size}): {w.description}")
-    from tml import models
-    model = models.build_model(w.model, **w.model_kwargs)
-    shape = (1, w.task.input_size, w.task.input_size, 1)
-    params = jax.device_get(models.init_params(model, shape, seed=0))
+    log(f"\n== {w.label} (batch {w.batch_size}): {w.description}")
+    first_of_model = w.name not in params_of
+    if first_of_model:
+      model = models.build_model(w.model, **w.model_kwargs)
+      shape = (1, w.task.input_size, w.task.input_size, 1)
+      params_of[w.name] = jax.device_get(
+          models.init_params(model, shape, seed=0))
+    params = params_of[w.name]
     batch = make_batch(w)
     runners: list[R.Runner] = []
     failures: dict[str, str] = {}
@@ -359,13 +392,16 @@ def main(argv=None) -> dict:
     if w.augment_task is not None and "jax" in args.frameworks:
       add("jax+augment", lambda: R.JaxStepRunner(
           "jax+augment", w, params, batch, mesh, task=w.augment_task))
-      add("augment_only", lambda: R.AugmentRunner(w, batch, mesh))
-    add("jnp.dot", lambda: R.JaxMatmulRunner(matmul_n, jax_device))
-    add("torch.mm", lambda: R.TorchMatmulRunner(matmul_n, torch_device))
-    arrays = make_batch(w, seed=1, count=max(8 * w.batch_size, 1024))
-    for name, transfer in (("pipeline", False), ("pipeline+transfer", True)):
-      add(name, lambda name=name, transfer=transfer: R.PipelineRunner(
-          name, w, arrays, mesh, transfer=transfer))
+      if first_of_model:   # float32 augmentation: the same in every dtype
+        add("augment_only", lambda: R.AugmentRunner(w, batch, mesh))
+    add("jnp.dot", lambda: R.JaxMatmulRunner(matmul_n, jax_device, w.dtype))
+    add("torch.mm", lambda: R.TorchMatmulRunner(matmul_n, torch_device,
+                                                w.dtype))
+    if first_of_model:     # the numpy input pipeline does not depend on dtype
+      arrays = make_batch(w, seed=1, count=max(8 * w.batch_size, 1024))
+      for name, transfer in (("pipeline", False), ("pipeline+transfer", True)):
+        add(name, lambda name=name, transfer=transfer: R.PipelineRunner(
+            name, w, arrays, mesh, transfer=transfer))
     loads = R.measure(runners, args, log, failures)
     for r in runners:
       if isinstance(r, R.JaxStepRunner):
@@ -381,9 +417,10 @@ def main(argv=None) -> dict:
   report.finalise(results)
   results["machine"]["loadavg_at_end"] = R.loadavg()
   text = report.text_tables(results)
-  log("\n" + text)
-  log(f"\nfloat32 matmul peak (max of jnp.dot / torch.mm medians): "
-      f"{report.fmt(results['peak_matmul_gflops'], '.1f')} GFLOP/s")
+  log("\n" + text + "\n")
+  for dtype, peak in results["peak_matmul_gflops_by_dtype"].items():
+    log(f"{dtype} matmul peak (max of jnp.dot / torch.mm medians): "
+        f"{report.fmt(peak, '.1f')} GFLOP/s")
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
   log(f"wrote {out_path}")

@@ -20,7 +20,8 @@ def _median(xs):
 def summarise_group(w: Workload, runners: list[Runner]) -> dict:
   by = {r.name: r for r in runners}
   res: dict[str, Any] = {
-      "name": w.name, "model": w.model, "model_kwargs": w.model_kwargs,
+      "name": w.name, "dtype": getattr(w, "dtype", "float32"),
+      "model": w.model, "model_kwargs": w.model_kwargs,
       "description": w.description, "batch_size": w.batch_size,
       "input_shape": [w.batch_size, w.image_size, w.image_size, 1],
       "network_input": w.task.input_size, "stage": w.stage_name,
@@ -70,12 +71,21 @@ def summarise_group(w: Workload, runners: list[Runner]) -> dict:
 
 
 def finalise(results: dict) -> None:
-  """The run's peak (max over every measurement) and % of it."""
-  peaks = [g["group_peak_gflops"] for g in results["benchmarks"]
-           if g["group_peak_gflops"]]
-  peak = max(peaks) if peaks else None
-  results["peak_matmul_gflops"] = peak
+  """The run's peak per dtype (max over every measurement in that dtype) and
+  each step's % of the peak of its own dtype.
+
+  ``peak_matmul_gflops_by_dtype``: ``{dtype: GFLOP/s}``;
+  ``peak_matmul_gflops``: the float32 one (None if no float32 group ran).
+  """
+  by_dtype: dict[str, float] = {}
   for g in results["benchmarks"]:
+    d = g.get("dtype", "float32")
+    if g["group_peak_gflops"]:
+      by_dtype[d] = max(by_dtype.get(d, 0.0), g["group_peak_gflops"])
+  results["peak_matmul_gflops_by_dtype"] = by_dtype
+  results["peak_matmul_gflops"] = by_dtype.get("float32")
+  for g in results["benchmarks"]:
+    peak = by_dtype.get(g.get("dtype", "float32"))
     for e in g["runners"].values():
       if e.get("achieved_gflops") and peak:
         e["pct_of_peak"] = 100 * e["achieved_gflops"] / peak
@@ -182,9 +192,9 @@ def table_rows(results: dict) -> list[list[str]]:
           parts.append(f"{g['jax_speedup_vs_torch_compile']:.2f}x compile")
         vs = ", ".join(parts) or "-"
       elif name == "jax+augment" and "augment_overhead_in_step" in g:
-        vs = f"+{100 * g['augment_overhead_in_step']:.0f}% vs no aug"
+        vs = f"{100 * g['augment_overhead_in_step']:+.0f}% vs no aug"
       rows.append([
-          g["name"], str(g["batch_size"]), name,
+          g["name"], g.get("dtype", "float32"), str(g["batch_size"]), name,
           fmt(e["median_s"] * 1e3, ".1f"), fmt(e["images_per_s"], ".1f"),
           vs, fmt(e.get("compile_s"), ".1f"),
           fmt(e.get("gflop_per_step"), ".1f"),
@@ -195,9 +205,9 @@ def table_rows(results: dict) -> list[list[str]]:
   return rows
 
 
-HEADER = ["benchmark", "batch", "framework", "step ms (median)", "images/s",
-          "JAX speed-up", "compile s", "GFLOP/step", "GFLOP/s", "% peak",
-          "peak mem MiB (XLA)"]
+HEADER = ["benchmark", "dtype", "batch", "framework", "step ms (median)",
+          "images/s", "JAX speed-up", "compile s", "GFLOP/step", "GFLOP/s",
+          "% peak", "peak mem MiB (XLA)"]
 
 
 def extras_rows(results: dict) -> list[list[str]]:
@@ -209,14 +219,15 @@ def extras_rows(results: dict) -> list[list[str]]:
       if name in run:
         e = run[name]
         ratio = e["images_per_s"] / step if step else None
-        rows.append([g["name"], name, fmt(e["median_s"] * 1e3, ".2f"),
+        rows.append([g["name"], g.get("dtype", "float32"), name,
+                     fmt(e["median_s"] * 1e3, ".2f"),
                      fmt(e["images_per_s"], ".0f"),
                      fmt(ratio, ".1f") + "x" if ratio else "-"])
   return rows
 
 
-EXTRAS_HEADER = ["benchmark", "measurement", "ms per batch", "images/s",
-                 "vs JAX step consumption"]
+EXTRAS_HEADER = ["benchmark", "step dtype", "measurement", "ms per batch",
+                 "images/s", "vs JAX step consumption"]
 
 
 def format_text_table(header, rows) -> str:
@@ -244,7 +255,9 @@ def _load_range(results) -> str:
 def markdown_section(results: dict) -> str:
   m = results["machine"]
   hw = results["hardware"]
-  peak = results.get("peak_matmul_gflops")
+  peaks = results.get("peak_matmul_gflops_by_dtype") or {
+      "float32": results.get("peak_matmul_gflops")}
+  dtypes = results["config"].get("dtypes", ["float32"])
   lines = [
       f"<!-- bench:{hw}:start -->",
       f"### {hw}: {m.get('gpu_name') or m['cpu_model']}",
@@ -257,18 +270,22 @@ def markdown_section(results: dict) -> str:
          if m.get("gpu_name") else "")
       + f"; 1-min load average {_load_range(results)} during the run",
       f"- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-      f"- XLA_FLAGS: `{m['xla_flags'] or '(none)'}`; precision "
-      f"{results['config']['precision']}; torch threads "
+      f"- XLA_FLAGS: `{m['xla_flags'] or '(none)'}`; compute dtypes "
+      f"{', '.join(dtypes)} (bfloat16: bf16 convs/dense, float32 params, "
+      f"optimizer state and losses; torch under autocast); float32 "
+      f"precision {results['config']['precision']}; torch threads "
       f"{results['config'].get('torch_threads')}",
-      f"- float32 matmul peak measured in the run (max of the medians of "
-      f"jnp.dot and torch.mm, n={results['config']['matmul_n']}): "
-      f"{fmt(peak, '.0f')} GFLOP/s",
+      f"- Matmul peak measured in the run, per dtype (max of the medians of "
+      f"jnp.dot and torch.mm, n={results['config']['matmul_n']}; '% peak' "
+      f"is relative to the row's dtype): " + ", ".join(
+          f"{d} {fmt(p, '.0f')} GFLOP/s" for d, p in peaks.items()),
       f"- Medians of {results['config']['repeats']} interleaved repeats; raw "
       f"timings in `{results['json_path']}`.",
   ]
   for g in results["benchmarks"]:
     for name, err in g.get("failures", {}).items():
-      lines.append(f"- {g['name']}: {name} failed: `{err[:200]}`")
+      lines.append(f"- {g['name']} [{g.get('dtype', 'float32')}]: {name} "
+                   f"failed: `{err[:200]}`")
   lines += [
       "",
       format_markdown_table(HEADER, table_rows(results)),

@@ -85,7 +85,9 @@ class JaxStepRunner(_CpuMemory, Runner):
     from tml import models, parallel
     from tml import train_step as ts
     self.jax = jax
-    model = models.build_model(w.model, **w.model_kwargs)
+    model = models.build_model(w.model, **w.model_kwargs,
+                               dtype=models.compute_dtype(w.dtype))
+    self.info["dtype"] = w.dtype
     stage = ts.StageSpec(w.stage_name, w.weights, epochs=1,
                          trainable=w.trainable)
     tx = ts.make_optimizer(w.optimizer, w.learning_rate,
@@ -163,6 +165,8 @@ class TorchStepRunner(_CpuMemory, Runner):
     self.bt = bench_torch
     self.device = device
     self.impl = bench_torch.TorchStep(w, params, batch, device, compile=compile_)
+    self.info["dtype"] = w.dtype
+    self.info["autocast"] = self.impl.autocast_dtype
 
   def first_call(self) -> float:
     self.impl.sync()
@@ -192,20 +196,23 @@ class TorchStepRunner(_CpuMemory, Runner):
 
 
 class JaxMatmulRunner(Runner):
+  """``n x n`` jnp.dot in ``dtype`` (bfloat16: bf16 operands and result)."""
   kind = "peak"
 
-  def __init__(self, n: int, device):
+  def __init__(self, n: int, device, dtype: str = "float32"):
     super().__init__("jnp.dot")
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from tml import models
     self.jax, self.n = jax, n
     rng = np.random.default_rng(0)
-    put = lambda x: jax.device_put(jnp.asarray(x, jnp.float32), device)
+    dt = models.compute_dtype(dtype)
+    put = lambda x: jax.device_put(jnp.asarray(x, dt), device)
     self.a = put(rng.uniform(size=(n, n)))
     self.b = put(rng.uniform(size=(n, n)))
     self.f = jax.jit(jnp.dot)
-    self.info["n"] = n
+    self.info.update(n=n, dtype=dtype)
 
   def run(self, iters):
     start = time.perf_counter()
@@ -219,11 +226,11 @@ class JaxMatmulRunner(Runner):
 class TorchMatmulRunner(Runner):
   kind = "peak"
 
-  def __init__(self, n: int, device):
+  def __init__(self, n: int, device, dtype: str = "float32"):
     super().__init__("torch.mm")
     from experiments import bench_torch
-    self.f = bench_torch.matmul_runner(n, device)
-    self.info["n"] = n
+    self.f = bench_torch.matmul_runner(n, device, dtype)
+    self.info.update(n=n, dtype=dtype)
 
   def run(self, iters):
     return self.f(iters)

@@ -24,6 +24,14 @@ Optimizers use ``fused=True`` (one vectorised kernel per step on CPU and
 CUDA), the fastest torch implementation; ``torch.compile`` compiles the
 forward + loss (AOTAutograd compiles the backward with it) and leaves the
 fused optimizer as it is.
+
+Mixed precision (a workload with ``dtype='bfloat16'``): the twin is built
+with ``dtype=bfloat16``, so its forward pass runs under
+``torch.autocast(device_type, torch.bfloat16)`` (the stage-1 U-Net body
+inside the twin's own ``autocast()`` context); parameters, gradients and the
+fused optimizer stay float32 and the loss twins compute in float32, as the
+JAX step does with ``dtype=bfloat16`` models. No gradient scaler: bf16 has
+float32's exponent range.
 """
 from __future__ import annotations
 
@@ -158,7 +166,11 @@ class TorchStep:
   def __init__(self, spec, flax_params, batch: Mapping[str, np.ndarray],
                device: torch.device, compile: bool = False):
     self.spec = spec
-    model = tt.build_torch_model(spec.model, **spec.model_kwargs)
+    dtype = getattr(spec, "dtype", "float32")
+    model = tt.build_torch_model(spec.model, **spec.model_kwargs, dtype=dtype)
+    # What the forward autocasts to ('bfloat16'), or None (float32).
+    self.autocast_dtype = (None if model.compute_dtype is None
+                           else str(model.compute_dtype).replace("torch.", ""))
     tt.flax_to_torch(flax_params, model)
     self.model = model.to(device).train()
     if spec.stage_name == "stage1":
@@ -190,7 +202,8 @@ class TorchStep:
     weights = spec.weights
     loss = image.new_zeros(())
     if spec.stage_name == "stage1":
-      heat = self.model.unet(image.permute(0, 3, 1, 2))
+      with self.model.autocast(image.device.type):
+        heat = self.model.unet(image.permute(0, 3, 1, 2))
       target = chu_heatmap_torch(landmarks, n, n)
       return weights["unet"] * mean(tt.unet_loss_torch(heat, target))
     out = self.model(image, train=True)
@@ -233,12 +246,15 @@ class TorchStep:
       return float(self.loss_fn(**self.inputs))
 
 
-def matmul_runner(n: int, device: torch.device) -> Callable[[int], float]:
-  """``run(iters)`` -> seconds for ``iters`` float32 ``n x n`` torch.mm."""
+def matmul_runner(n: int, device: torch.device,
+                  dtype: str = "float32") -> Callable[[int], float]:
+  """``run(iters)`` -> seconds for ``iters`` ``n x n`` torch.mm in ``dtype``
+  (``'float32'`` or ``'bfloat16'``: bf16 operands and result)."""
+  dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   gen = torch.Generator().manual_seed(0)
-  a = torch.rand(n, n, generator=gen).to(device)
-  b = torch.rand(n, n, generator=gen).to(device)
-  out = torch.empty(n, n, device=device)
+  a = torch.rand(n, n, generator=gen).to(device=device, dtype=dt)
+  b = torch.rand(n, n, generator=gen).to(device=device, dtype=dt)
+  out = torch.empty(n, n, device=device, dtype=dt)
 
   def run(iters: int) -> float:
     if device.type == "cuda":

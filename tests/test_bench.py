@@ -77,29 +77,129 @@ def test_quick_run_writes_json_and_markdown(tmp_path, monkeypatch):
   out, md = tmp_path / "b.json", tmp_path / "B.md"
   results = bench.main([
       "--quick", "--models=devries", "--frameworks=jax,torch_eager",
-      "--repeats=2", "--device=cpu", f"--out={out}", f"--markdown={md}"])
+      "--dtype=float32,bfloat16", "--repeats=2", "--device=cpu",
+      f"--out={out}", f"--markdown={md}"])
   data = json.loads(out.read_text())
   assert data["hardware"] == results["hardware"] == "cpu-quick"
+  assert data["config"]["dtypes"] == ["float32", "bfloat16"]
   m = data["machine"]
   assert m["cpu_model"] and m["cpu_affinity"] >= 1 and m["versions"]["jax"]
-  (g,) = data["benchmarks"]
-  run = g["runners"]
+  # One row group per dtype, side by side, from the same initial weights.
+  g, g16 = data["benchmarks"]
+  assert (g["name"], g["dtype"]) == ("devries", "float32")
+  assert (g16["name"], g16["dtype"]) == ("devries", "bfloat16")
+  run, run16 = g["runners"], g16["runners"]
   assert {"jax", "torch_eager", "jax+augment", "augment_only", "jnp.dot",
           "torch.mm", "pipeline", "pipeline+transfer"} <= set(run)
-  for entry in run.values():
+  # The dtype-independent measurements run once, in the first group.
+  assert {"jax", "torch_eager", "jax+augment", "jnp.dot", "torch.mm"} == set(run16)
+  for entry in list(run.values()) + list(run16.values()):
     assert len(entry["raw_s_per_iter"]) == 2
     assert all(t > 0 for t in entry["raw_s_per_iter"])
     assert entry["median_s"] == pytest.approx(np.median(entry["raw_s_per_iter"]))
   assert run["jax"]["flops_per_step"] > 0 and run["jax"]["compile_s"] >= 0
   assert 0 < run["jax"]["pct_of_peak"] and data["peak_matmul_gflops"] > 0
+  assert set(data["peak_matmul_gflops_by_dtype"]) == {"float32", "bfloat16"}
+  assert 0 < run16["jax"]["pct_of_peak"]
+  assert run16["jax"]["dtype"] == run16["torch_eager"]["dtype"] == "bfloat16"
+  assert run16["torch_eager"]["autocast"] == "bfloat16"
+  assert run["torch_eager"]["autocast"] is None
+  assert run16["jnp.dot"]["dtype"] == run16["torch.mm"]["dtype"] == "bfloat16"
   assert g["jax_speedup_vs_torch_eager"] > 0
+  assert g16["jax_speedup_vs_torch_eager"] > 0
   assert g["pipeline_vs_step_consumption"] > 0
-  assert "augment_overhead_in_step" in g
+  assert "augment_overhead_in_step" in g and "augment_overhead_in_step" in g16
   # Same initial weights, same batch, no dropout in --quick: the first losses
-  # of the two frameworks' steps agree.
+  # of the two frameworks' steps agree, and bf16 stays near float32.
   assert run["torch_eager"]["first_loss"] == pytest.approx(
       run["jax"]["first_loss"], rel=1e-3)
+  assert run16["torch_eager"]["first_loss"] == pytest.approx(
+      run16["jax"]["first_loss"], rel=3e-2)
+  assert run16["jax"]["first_loss"] == pytest.approx(
+      run["jax"]["first_loss"], rel=3e-2)
   text = md.read_text()
   assert "<!-- bench:cpu-quick:start -->" in text
   assert "python -m experiments.bench --quick --models=devries" in text
-  assert "| devries | 4 | jax |" in text
+  assert "| devries | float32 | 4 | jax |" in text
+  assert "| devries | bfloat16 | 4 | jax |" in text
+  assert "| devries | bfloat16 | 4 | torch_eager |" in text
+  assert "compute dtypes float32, bfloat16" in text
+
+
+def test_dtype_flag_is_checked():
+  args = bench.parse_args(["--dtype=bfloat16,float32,bfloat16"])
+  assert args.dtypes == ["bfloat16", "float32"]
+  with pytest.raises(SystemExit, match="--dtype"):
+    bench.parse_args(["--dtype=float16"])
+
+
+# ----------------------------------------------------------------------------
+# experiments.precision_check (float32 vs bfloat16 accuracy): the report
+# logic on fake finished runs (the runs themselves are experiments.run's).
+# ----------------------------------------------------------------------------
+def test_precision_check_compare_and_verdicts():
+  from experiments import precision_check as pc
+  f32 = {0: 10.0, 1: 11.0, 2: 12.0}
+  same = pc.compare(f32, {0: 10.5, 1: 10.9, 2: 12.2}, lower_is_better=True)
+  assert same["float32"]["mean"] == pytest.approx(11.0)
+  assert same["float32"]["std"] == pytest.approx(1.0)
+  assert same["paired_diff"]["mean"] == pytest.approx((0.5 - 0.1 + 0.2) / 3)
+  assert same["paired_diff"]["min"] == pytest.approx(-0.1)
+  assert same["noise_2se"] == pytest.approx(
+      2 * np.sqrt(1.0 / 3 + np.var([10.5, 10.9, 12.2], ddof=1) / 3))
+  assert same["within_noise"] and same["verdict"] == "within seed noise"
+  worse = pc.compare(f32, {s: v + 5 for s, v in f32.items()}, True)
+  assert worse["within_noise"] is False and worse["verdict"].endswith("worse")
+  better = pc.compare(f32, {s: v + 5 for s, v in f32.items()}, False)
+  assert better["verdict"].endswith("better")
+  one = pc.compare({0: 1.0}, {0: 1.1}, True)
+  assert one["within_noise"] is None and one["verdict"].startswith("n/a")
+
+
+def test_precision_check_report_from_finished_runs(tmp_path, capsys):
+  from experiments import precision_check as pc
+  rng = np.random.default_rng(0)
+  for dtype in pc.DTYPES:
+    for seed in (0, 1, 2):
+      wd = pc.workdir(tmp_path, "chu_unet", dtype, seed)
+      wd.mkdir(parents=True)
+      (wd / "config.json").write_text(json.dumps(
+          {"compute_dtype": dtype, "seed": seed}))
+      (wd / "results.json").write_text(json.dumps(
+          {"nme_inter_pupil": 8 + rng.normal(), "nme_inter_ocular": 5.0,
+           "emotion_accuracy": None}))
+  # A run of the other dtype in a seed's workdir does not count as finished.
+  wd = pc.workdir(tmp_path, "devries", "float32", 0)
+  wd.mkdir(parents=True)
+  (wd / "config.json").write_text(json.dumps({"compute_dtype": "bfloat16",
+                                              "seed": 0}))
+  (wd / "results.json").write_text(json.dumps({"emotion_accuracy": 50.0}))
+  report = pc.main([f"--root={tmp_path}", "--only_report"])
+  chu = report["studies"]["chu_unet"]
+  assert set(chu["metrics"]) == {"nme_inter_pupil", "nme_inter_ocular"}
+  assert chu["metrics"]["nme_inter_pupil"]["float32"]["n"] == 3
+  assert chu["metrics"]["nme_inter_ocular"]["verdict"] == "within seed noise"
+  assert chu["missing"] == []
+  assert len(report["studies"]["devries"]["missing"]) == 6
+  text = (tmp_path / "precision_check.md").read_text()
+  assert "| chu_unet | NME inter-pupil (%) |" in text
+  assert "not finished" in text and "within seed noise" in text
+  on_disk = json.loads((tmp_path / "precision_check.json").read_text())
+  assert on_disk["seeds"] == [0, 1, 2]
+  cmds = on_disk["runs"]["devries"]["bfloat16"]
+  assert len(cmds) == 3 and all("--compute_dtype=bfloat16" in c for c in cmds)
+  assert "--flagfile=devries_fer2013.flags" in cmds[0]
+  assert "within seed noise" in capsys.readouterr().out
+
+
+def test_precision_check_commands_and_flag_errors(tmp_path):
+  from experiments import precision_check as pc
+  cmd = pc.run_command("chu_unet", "bfloat16", 2, tmp_path, "demo",
+                       ["--data_dir=/d"])
+  assert cmd[:3] == ["-m", "experiments.run", "--flagfile=demo.flags"]
+  assert cmd[-4:] == ["--data_dir=/d", "--seed=2", "--compute_dtype=bfloat16",
+                      f"--workdir={tmp_path}/chu_unet/bfloat16/seed_2"]
+  for bad in (["--", "--seed=3"], ["--", "--compute_dtype=float32"],
+              ["--studies=resnet"], ["--seeds=a"]):
+    with pytest.raises(SystemExit):
+      pc.parse_args(bad)

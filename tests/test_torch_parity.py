@@ -202,6 +202,81 @@ def test_converter_round_trips_exactly(case):
 
 
 # ----------------------------------------------------------------------------
+# Mixed precision: the twin under torch.autocast(bfloat16) vs Flax bfloat16.
+# ----------------------------------------------------------------------------
+# Both frameworks round to bf16 (8 significant bits) in different places (XLA
+# rounds a conv's output before the bias add, torch fuses it), so each is
+# ~1 % of an output's scale from float32 and about as far from the other
+# (max |torch - flax| / max |flax|: 0.6 % for the basic CNN and DeVries,
+# 1.7 % for the U-Net's heatmap at these seeds).
+BF16_REL_ERR = 0.04
+
+
+def _rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-6))
+
+
+def test_autocast_dtype_spellings():
+  for d in (None, "float32", jnp.float32, np.float32, torch.float32):
+    assert tt.autocast_dtype(d) is None
+  for d in ("bfloat16", jnp.bfloat16, torch.bfloat16):
+    assert tt.autocast_dtype(d) is torch.bfloat16
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    tt.autocast_dtype("float16")
+  with pytest.raises(ValueError):
+    tt.build_torch_model("devries", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bfloat16_twin_matches_flax_bfloat16(name):
+  model_name, kwargs, b = CASES[name]
+  flax_bf16 = models.build_model(model_name, **kwargs,
+                                 dtype=models.compute_dtype("bfloat16"))
+  batch = _batch(model_name, kwargs, b, seed=1)
+  params = _random_params(flax_bf16, batch["images"].shape, seed=2)
+
+  @jax.jit
+  def run(params):
+    def loss(p):
+      out = flax_bf16.apply({"params": p}, batch["images"], train=False)
+      terms = _terms(JAX_LOSSES, out, batch, jnp.asarray)
+      return _total(JAX_LOSSES, terms, batch, jnp.asarray), out
+    return jax.value_and_grad(loss, has_aux=True)(params)
+  (total, out), grads = run(params)
+
+  t32 = tt.build_torch_model(model_name, **kwargs).eval()
+  t16 = tt.build_torch_model(model_name, **kwargs, dtype="bfloat16").eval()
+  assert t16.compute_dtype is torch.bfloat16 and t32.compute_dtype is None
+  tt.flax_to_torch(params, t32)
+  tt.flax_to_torch(params, t16)
+  x = _torch_in(batch["images"])
+  with torch.no_grad():
+    ref32 = {k: v.numpy() for k, v in t32(x).items()}
+  t_out = t16(x)
+  t_total = _total(TORCH_LOSSES, _terms(TORCH_LOSSES, t_out, batch, _torch_in),
+                   batch, _torch_in)
+  t_total.backward()
+  assert set(t_out) == set(out)
+  for k in out:
+    assert t_out[k].dtype == torch.float32, k   # cast inside the twin
+    got = t_out[k].detach().numpy()
+    assert np.all(np.isfinite(got)), k
+    err = _rel_err(got, out[k])
+    assert err < BF16_REL_ERR, f"{name} {k}: torch bf16 vs flax bf16 {err:.4f}"
+    assert _rel_err(got, ref32[k]) > 0, f"{name} {k}: autocast had no effect"
+  assert float(t_total.detach()) == pytest.approx(float(total), rel=BF16_REL_ERR)
+  # Parameters and their gradients stay float32 under autocast, and the
+  # gradient agrees with Flax's bf16 gradient in direction.
+  assert all(p.dtype == torch.float32 for p in t16.parameters())
+  t_grads = tt.torch_to_flax(tt.grads_state_dict(t16), params)
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(v, np.float64))
+                                   for v in jax.tree.leaves(t)])
+  gj, gt = flat(grads), flat(t_grads)
+  assert np.dot(gj, gt) / (np.linalg.norm(gj) * np.linalg.norm(gt)) > 0.95
+
+
+# ----------------------------------------------------------------------------
 # Layer conventions, checked in isolation.
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [3, 4, 5])

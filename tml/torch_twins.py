@@ -5,10 +5,15 @@ the core imports this module. It exists for parity tests and side-by-side
 benchmarks, so each twin computes exactly what its Flax model computes:
 
   * Same constructor arguments as the Flax model (plus ``in_channels``, which
-    Flax infers lazily; ``dtype`` is accepted and ignored -- torch twins
-    compute in float32, cast with ``.to()`` if you want otherwise), same
-    output dict: NHWC images in, ``'heatmap'`` ``(B, N, N)``, ``'landmarks'``
-    ``(B, K, 2)``, ``'emotion_logits'`` ``(B, C)``, ``'maps'`` ``(B, h, w, 3)``.
+    Flax infers lazily), same output dict: NHWC images in, ``'heatmap'``
+    ``(B, N, N)``, ``'landmarks'`` ``(B, K, 2)``, ``'emotion_logits'``
+    ``(B, C)``, ``'maps'`` ``(B, h, w, 3)``.
+  * Mixed precision as in Flax: ``dtype`` None / float32 computes in float32;
+    bfloat16 (``jnp.bfloat16``, ``torch.bfloat16`` or ``'bfloat16'``) runs
+    the forward pass under ``torch.autocast(device_type, torch.bfloat16)``
+    on CPU and CUDA (convs, transposed convs and linears in bf16), parameters
+    stay float32, and every output is cast to float32 inside the twin, the
+    landmark sigmoid after the cast, exactly where the Flax model casts.
   * Same module names: torch state_dict key ``'unet.enc_0_conv1.weight'`` is
     Flax param ``params['unet']['enc_0_conv1']['kernel']``, so conversion is a
     per-layer layout change and nothing else.
@@ -31,6 +36,7 @@ dense kernel (in, out) <-> Linear weight (out, in); biases as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping
 
@@ -50,6 +56,52 @@ _TRUNC_STD_CORRECTION = 0.87962566103423978
 # Transposed-conv layers are named with this prefix in both frameworks; it
 # is how a bare state_dict (e.g. of gradients) tells them from plain convs.
 _TRANSPOSED_PREFIX = "upconv"
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision.
+# ----------------------------------------------------------------------------
+def autocast_dtype(dtype: Any) -> torch.dtype | None:
+  """A twin's ``dtype`` argument -> ``torch.bfloat16``, or None for float32.
+
+  Accepts None, the names ``'float32'`` / ``'bfloat16'`` (``Config.
+  compute_dtype``), and the jnp, numpy and torch dtypes of those two.
+  """
+  if dtype is None:
+    return None
+  if isinstance(dtype, torch.dtype):
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)
+  else:
+    try:
+      name = jnp.dtype(dtype).name
+    except TypeError:
+      name = None
+  if name == "float32":
+    return None
+  if name == "bfloat16":
+    return torch.bfloat16
+  raise ValueError(f"dtype {dtype!r}: the twins compute in float32 or "
+                   "bfloat16")
+
+
+def autocast(device_type: str, dtype: Any):
+  """``torch.autocast(device_type, dtype=torch.bfloat16)`` for a bfloat16
+  ``dtype`` (any spelling :func:`autocast_dtype` takes), else a no-op context.
+
+  ``device_type``: ``'cpu'`` or ``'cuda'`` (a tensor's ``.device.type``).
+  """
+  low = autocast_dtype(dtype)
+  if low is None:
+    return contextlib.nullcontext()
+  return torch.autocast(device_type=device_type, dtype=low)
+
+
+class _MixedPrecision:
+  """``self.autocast(device_type)``: the twin's compute-dtype context."""
+  compute_dtype: torch.dtype | None = None
+
+  def autocast(self, device_type: str):
+    return autocast(device_type, self.compute_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -126,10 +178,11 @@ class _LandmarkEmotionHeadTorch(nn.Module):
     h = F.relu(self.fc_hidden(features))
     out = {}
     if hasattr(self, "fc_landmarks"):
-      z = torch.sigmoid(self.fc_landmarks(h))
+      # Sigmoid in float32, as in Flax (in bf16 it saturates early).
+      z = torch.sigmoid(self.fc_landmarks(h).float())
       out["landmarks"] = z.reshape(z.shape[0], self.num_landmarks, 2)
     if hasattr(self, "fc_emotion"):
-      out["emotion_logits"] = self.fc_emotion(h)
+      out["emotion_logits"] = self.fc_emotion(h).float()
     return out
 
 
@@ -178,14 +231,18 @@ class _UNetBodyTorch(nn.Module):
     return self.out_conv(x)[:, 0]
 
 
-class ChuUNetTorch(nn.Module):
-  """Twin of ``tml.models.ChuUNet`` (same arguments, same outputs)."""
+class ChuUNetTorch(_MixedPrecision, nn.Module):
+  """Twin of ``tml.models.ChuUNet`` (same arguments, same outputs).
+
+  ``self.unet`` alone (the stage-1 network) does not enter the autocast
+  context; wrap it in ``with model.autocast(device_type):``.
+  """
 
   def __init__(self, input_size=128, depth=4, base_width=64, fc_width=1024,
                num_landmarks=68, num_emotions=8, landmark_head=True,
                map_reduction=1, dtype=None, in_channels=1):
     super().__init__()
-    del dtype  # float32; see module docstring.
+    self.compute_dtype = autocast_dtype(dtype)
     if depth < 0 or input_size % (2**depth):
       raise ValueError(f"input_size={input_size} must be divisible by "
                        f"2**depth={2**depth}")
@@ -203,24 +260,25 @@ class ChuUNetTorch(nn.Module):
   def forward(self, images, *, train=None):
     del train
     _check_images(images, self.input_size)
-    a = self.unet(images.permute(0, 3, 1, 2))
-    out = {"heatmap": a}
-    if hasattr(self, "head"):
-      pooled = a[:, None]
-      if self.map_reduction > 1:
-        pooled = F.avg_pool2d(pooled, self.map_reduction)
-      out.update(self.head(pooled.reshape(a.shape[0], -1)))
+    with self.autocast(images.device.type):
+      a = self.unet(images.permute(0, 3, 1, 2))
+      out = {"heatmap": a.float()}
+      if hasattr(self, "head"):
+        pooled = a[:, None]
+        if self.map_reduction > 1:
+          pooled = F.avg_pool2d(pooled, self.map_reduction)
+        out.update(self.head(pooled.reshape(a.shape[0], -1)))
     return out
 
 
-class BasicCNNTorch(nn.Module):
+class BasicCNNTorch(_MixedPrecision, nn.Module):
   """Twin of ``tml.models.BasicCNN``."""
 
   def __init__(self, input_size=128, fc_width=1024, num_landmarks=68,
                num_emotions=0, widths=cnn_lib.DEFAULT_WIDTHS, dtype=None,
                in_channels=1):
     super().__init__()
-    del dtype
+    self.compute_dtype = autocast_dtype(dtype)
     if len(widths) != 6 or input_size % 16:
       raise ValueError("BasicCNN needs six widths and input_size % 16 == 0")
     self.input_size = input_size
@@ -236,22 +294,23 @@ class BasicCNNTorch(nn.Module):
   def forward(self, images, *, train=None):
     del train
     _check_images(images, self.input_size)
-    x = images.permute(0, 3, 1, 2)
-    for i in range(6):
-      x = F.relu(getattr(self.features, f"conv_{i}")(x))
-      if i in cnn_lib.POOL_AFTER:
-        x = F.max_pool2d(x, 2)
-    return self.head(_nhwc_flatten(x))
+    with self.autocast(images.device.type):
+      x = images.permute(0, 3, 1, 2)
+      for i in range(6):
+        x = F.relu(getattr(self.features, f"conv_{i}")(x))
+        if i in cnn_lib.POOL_AFTER:
+          x = F.max_pool2d(x, 2)
+      return self.head(_nhwc_flatten(x))
 
 
-class DeVriesNetTorch(nn.Module):
+class DeVriesNetTorch(_MixedPrecision, nn.Module):
   """Twin of ``tml.models.DeVriesNet``. Dropout follows ``train`` when given,
   else ``self.training``."""
 
   def __init__(self, num_classes=7, map_head=True, map_size=42, fc_width=3072,
                dropout_rate=0.5, dtype=None, in_channels=1):
     super().__init__()
-    del dtype
+    self.compute_dtype = autocast_dtype(dtype)
     self.map_size = map_size
     self.dropout_rate = dropout_rate
     self.features = nn.Module()
@@ -269,17 +328,18 @@ class DeVriesNetTorch(nn.Module):
 
   def forward(self, images, *, train=None):
     _check_images(images, self.map_size)
-    x = images.permute(0, 3, 1, 2)
-    for i in range(len(devries_lib.CONV_SPECS)):
-      x = F.max_pool2d(F.relu(getattr(self.features, f"conv_{i}")(x)), 2)
-    h = F.relu(self.head.fc_hidden(_nhwc_flatten(x)))
-    h = F.dropout(h, self.dropout_rate, training=_use_dropout(self, train))
-    out = {}
-    if hasattr(self.head, "fc_emotion"):
-      out["emotion_logits"] = self.head.fc_emotion(h)
-    if hasattr(self.head, "fc_maps"):
-      out["maps"] = self.head.fc_maps(h).reshape(
-          h.shape[0], self.map_size, self.map_size, devries_lib.NUM_MAPS)
+    with self.autocast(images.device.type):
+      x = images.permute(0, 3, 1, 2)
+      for i in range(len(devries_lib.CONV_SPECS)):
+        x = F.max_pool2d(F.relu(getattr(self.features, f"conv_{i}")(x)), 2)
+      h = F.relu(self.head.fc_hidden(_nhwc_flatten(x)))
+      h = F.dropout(h, self.dropout_rate, training=_use_dropout(self, train))
+      out = {}
+      if hasattr(self.head, "fc_emotion"):
+        out["emotion_logits"] = self.head.fc_emotion(h).float()
+      if hasattr(self.head, "fc_maps"):
+        out["maps"] = self.head.fc_maps(h).float().reshape(
+            h.shape[0], self.map_size, self.map_size, devries_lib.NUM_MAPS)
     return out
 
 

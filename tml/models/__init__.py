@@ -13,6 +13,14 @@ keys, present only when the model has that output:
 
 Registered names: ``chu_unet`` (ChuUNet), ``basic_cnn`` (BasicCNN), ``devries``
 (DeVriesNet).
+
+Mixed precision, the same for every model: the ``dtype`` attribute (from
+``Config.compute_dtype`` through :func:`compute_dtype`) is the dtype the
+convolutions and dense layers compute in; parameters are always created in
+float32 (Flax's ``param_dtype`` default, so the optimizer state is float32
+too and the gradients w.r.t. them are float32), and every output is cast to
+float32 inside the model (the landmark sigmoid is applied after that cast),
+so the losses, softmaxes and metrics never see bfloat16.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tml.models.cnn import BasicCNN
@@ -31,6 +40,24 @@ MODELS: dict[str, type[nn.Module]] = {
     "basic_cnn": BasicCNN,
     "devries": DeVriesNet,
 }
+
+
+# ``Config.compute_dtype`` names -> the ``dtype`` attribute of the models.
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32,
+                                  "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """``'float32'`` or ``'bfloat16'`` -> the jnp dtype for a model's ``dtype``.
+
+  Raises:
+    ValueError: another name (the message lists the known ones).
+  """
+  try:
+    return COMPUTE_DTYPES[name]
+  except KeyError:
+    raise ValueError(f"unknown compute dtype {name!r}; known: "
+                     f"{', '.join(COMPUTE_DTYPES)}") from None
 
 
 def model_names() -> list[str]:
@@ -83,5 +110,6 @@ def param_count(params: Any) -> int:
   return int(sum(np.prod(np.shape(x)) for x in leaves))
 
 
-__all__ = ["MODELS", "BasicCNN", "ChuUNet", "DeVriesNet", "build_model",
-           "init_params", "model_names", "param_count"]
+__all__ = ["COMPUTE_DTYPES", "MODELS", "BasicCNN", "ChuUNet", "DeVriesNet",
+           "build_model", "compute_dtype", "init_params", "model_names",
+           "param_count"]
