@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import pathlib
 import shlex
@@ -49,6 +50,7 @@ from absl import flags
 
 from experiments import run as run_lib
 from tml import config as config_lib
+from tml import paths
 
 def _define_flags() -> None:
   """The driver's own flags; defined only when run as a script, so importing
@@ -348,7 +350,9 @@ def plot_figures(root: pathlib.Path) -> list[str]:
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(root / png, dpi=80)
+    buf = io.BytesIO()   # root may be a gs:// URL (tml.paths)
+    fig.savefig(buf, dpi=80, format="png")
+    paths.write_atomic(root / png, buf.getvalue())
     plt.close(fig)
     written.append(png)
   return written
@@ -356,7 +360,7 @@ def plot_figures(root: pathlib.Path) -> list[str]:
 
 def main(argv):
   extra = argv[1:]
-  root = pathlib.Path(FLAGS.root)
+  root = paths.as_path(FLAGS.root)   # local, or a gs:// URL kept as one
   budget = tuple(int(v) for v in FLAGS.budget) if FLAGS.budget else None
   if budget is not None and (len(budget) != 2 or min(budget) <= 0):
     raise app.UsageError(f"--budget={','.join(FLAGS.budget)}: expected S1,S2 > 0")

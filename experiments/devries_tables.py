@@ -26,6 +26,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from tml import paths
+
+
 def _define_flags() -> None:
   """Only when run as a program (absl's flag registry is process-wide, and
   experiments.run defines a flag per Config field)."""
@@ -394,7 +397,8 @@ def predicted_maps_figure(workdir: pathlib.Path, png: pathlib.Path, n: int = 8) 
 
 
 def main(argv):
-  runs, out = pathlib.Path(FLAGS.runs), pathlib.Path(FLAGS.out)
+  # The workdirs may be gs:// URLs (tml.paths); the page goes to a local --out.
+  runs, out = paths.as_path(FLAGS.runs), pathlib.Path(FLAGS.out)
   if not FLAGS.only_report:
     run_settings(runs, FLAGS.seeds, argv[1:])
   out.mkdir(parents=True, exist_ok=True)
@@ -403,7 +407,7 @@ def main(argv):
       print(f"backfill {name}: {backfill_last(runs / name)} split(s)", flush=True)
   text, data = table_one(runs)
   parts = ["## Table I (generated)", "", text]
-  sweep_root = pathlib.Path(FLAGS.sweep) if FLAGS.sweep else runs / "sweep"
+  sweep_root = paths.as_path(FLAGS.sweep) if FLAGS.sweep else runs / "sweep"
   parts += ["## Recipe sweep (Training holdout)", "", sweep_table(sweep_root), ""]
   plot_curves(runs, sweep_root, out / "learning_curves.png")
   head = _load(runs / "devries_fer2013" / "results.json")

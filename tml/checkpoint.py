@@ -50,6 +50,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from tml import paths
+
 _log = logging.getLogger(__name__)
 
 STATE = "state"
@@ -140,7 +142,9 @@ class Checkpointer:
 
     Args:
       directory: where step directories go; local path or any epath URL
-        (``gs://...``). Local paths are made absolute (orbax requires it).
+        (``gs://...``, kept as the URL: orbax writes the arrays through
+        tensorstore, which speaks gs:// itself, and the small files through
+        epath). Local paths are made absolute (orbax requires it).
       max_to_keep: number of most recent checkpoints kept; None keeps all.
       save_interval_steps: ``save`` writes when ``step % interval == 0``; None
         or 0 means only forced (and multi-host preemption) saves.
@@ -150,7 +154,12 @@ class Checkpointer:
         directory of a save in progress.
     """
     directory = os.fspath(directory)
-    if "://" not in directory:
+    if paths.looks_collapsed(directory):
+      # pathlib made gs://b/r into gs:/b/r: every host would write its
+      # shards into a local folder named gs:.
+      raise ValueError(f"checkpoint directory {directory!r} is a URL that "
+                       "lost its '//' (pathlib); pass the gs://... string")
+    if not paths.is_url(directory):
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     policies = []

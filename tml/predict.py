@@ -54,6 +54,7 @@ convention of `data_prep.thermal_common`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -62,6 +63,8 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+
+from tml import paths
 
 log = logging.getLogger("tml.predict")
 
@@ -99,26 +102,24 @@ def fit_split_pixel_stats(split):
   return preprocess.fit_pixel_stats(images)
 
 
-def save_pixel_stats(split_dir, stats) -> pathlib.Path:
-  """Writes ``split_dir/pixel_stats.npz`` (mean, std) atomically."""
-  split_dir = pathlib.Path(split_dir)
+def save_pixel_stats(split_dir, stats) -> paths.Path:
+  """Writes ``split_dir/pixel_stats.npz`` (mean, std) atomically (a local
+  folder or a ``gs://`` URL)."""
+  split_dir = paths.as_path(split_dir)
   split_dir.mkdir(parents=True, exist_ok=True)
-  path = split_dir / PIXEL_STATS
-  tmp = split_dir / (PIXEL_STATS + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, mean=np.asarray(stats.mean, np.float32),
-             std=np.asarray(stats.std, np.float32))
-  os.replace(tmp, path)
-  return path
+  buf = io.BytesIO()
+  np.savez(buf, mean=np.asarray(stats.mean, np.float32),
+           std=np.asarray(stats.std, np.float32))
+  return paths.write_atomic(split_dir / PIXEL_STATS, buf.getvalue())
 
 
 def load_pixel_stats(split_dir):
   """`PixelStats` from ``split_dir/pixel_stats.npz``, or None if absent."""
   from tml import preprocess
-  path = pathlib.Path(split_dir) / PIXEL_STATS
+  path = paths.as_path(split_dir) / PIXEL_STATS
   if not path.is_file():
     return None
-  with np.load(path) as z:
+  with np.load(io.BytesIO(path.read_bytes())) as z:
     return preprocess.PixelStats(z["mean"].astype(np.float32),
                                  z["std"].astype(np.float32))
 
@@ -207,7 +208,7 @@ def _last_stage(cfg) -> str:
   return "stage2" if cfg.stage2_epochs > 0 else "stage1"
 
 
-def _step_dirs(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+def _step_dirs(ckpt_dir: paths.Path) -> list[paths.Path]:
   """Complete orbax step directories (tmp directories of a save are skipped)."""
   if not ckpt_dir.is_dir():
     return []
@@ -215,21 +216,23 @@ def _step_dirs(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
                 key=lambda p: int(p.name))
 
 
-def _restore_params(step_dir: pathlib.Path):
+def _restore_params(step_dir: paths.Path):
   """The ``params`` subtree of a checkpoint's ``state`` item, no template."""
   import orbax.checkpoint as ocp
   state_dir = step_dir / "state"
   if not state_dir.is_dir():
     raise WorkdirError(f"{step_dir}: no 'state' item (half-written checkpoint?)")
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(state_dir.absolute())
+    # A URL stays a URL (epath's absolute() would glue it to the cwd).
+    restored = ckptr.restore(state_dir if paths.is_url(state_dir)
+                             else state_dir.absolute())
   if not isinstance(restored, dict) or "params" not in restored:
     raise WorkdirError(f"{state_dir}: no 'params' in the checkpoint")
   import jax
   return jax.tree.map(np.asarray, restored["params"])
 
 
-def _find_params(workdir: pathlib.Path, cfg, split: str | None):
+def _find_params(workdir: paths.Path, cfg, split: str | None):
   """``(split_name, params, source)``; WorkdirError naming what is missing."""
   stage = _last_stage(cfg)
   if split is None:
@@ -263,7 +266,7 @@ def _find_params(workdir: pathlib.Path, cfg, split: str | None):
   return split, _restore_params(steps[-1]), str(steps[-1])
 
 
-def _stage_done(step_dir: pathlib.Path) -> bool:
+def _stage_done(step_dir: paths.Path) -> bool:
   """Whether a training checkpoint's meta says its stage finished."""
   for f in sorted((step_dir / "meta").glob("process_0-of-*.json")):
     try:
@@ -357,7 +360,7 @@ class Predictor:
     Raises:
       WorkdirError: one message naming what is missing.
     """
-    path = pathlib.Path(path).expanduser()
+    path = paths.as_path(path)   # a local folder or a gs:// URL
     if path.is_file() and path.suffix == ".npz":
       return cls.from_export(path, **kw)
     if not path.is_dir():
@@ -387,9 +390,10 @@ class Predictor:
   def from_export(cls, path, **kw) -> Predictor:
     """Loads an `export` file (no orbax, no dataset)."""
     from tml import preprocess
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     try:
-      z = np.load(path, allow_pickle=False)
+      z = np.load(io.BytesIO(path.read_bytes()) if paths.is_url(path) else path,
+                  allow_pickle=False)
     except (OSError, ValueError) as err:
       raise WorkdirError(f"{path}: not a readable export: {err}") from err
     with z:
@@ -680,7 +684,7 @@ def _make_map_step(model, task, mesh):
       out_specs=P(parallel.AXIS)))
 
 
-def _run_id(workdir: pathlib.Path) -> str:
+def _run_id(workdir: paths.Path) -> str:
   info = workdir / "run_info.json"
   sha = None
   if info.is_file():

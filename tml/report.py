@@ -15,18 +15,23 @@ Conventions:
   failed split is shown, not averaged away.
 * Landmarks are ``(n, 68, 2)`` in (x, y) pixel order (x = column), drawn on
   images shown with pixel centres at integer coordinates.
+* Paths are local or URLs (``gs://...``; `tml.paths`): every file is written
+  as whole bytes (plots are rendered into memory first), atomically: through
+  a temporary file and a rename locally, as one object upload on a URL.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
 import os
-import pathlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
 import numpy as np
+
+from tml import paths
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -59,7 +64,10 @@ def to_jsonable(obj: Any) -> Any:
   raise TypeError(f"cannot write {type(obj).__name__} to JSON: {obj!r}")
 
 
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+def _write_text_atomic(path: paths.Path, text: str) -> None:
+  if paths.is_url(path):   # one object upload: the old object or the new one
+    path.write_text(text)
+    return
   # Same directory, so os.replace is an atomic rename: readers see the old
   # file or the new one, never a prefix.
   tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -72,13 +80,13 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def write_results(workdir: str | os.PathLike[str],
-                  results: Mapping[str, Any]) -> pathlib.Path:
+                  results: Mapping[str, Any]) -> paths.Path:
   """Writes ``workdir/results.json`` atomically; returns its path.
 
   The whole text is serialised before anything touches the disk, so a value
   JSON cannot encode raises TypeError and leaves an existing file intact.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   text = json.dumps(to_jsonable(results), indent=2, sort_keys=True,
                     allow_nan=False) + "\n"
   workdir.mkdir(parents=True, exist_ok=True)
@@ -243,9 +251,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]],
 
 
 def write_markdown(workdir: str | os.PathLike[str], title: str,
-                   text: str) -> pathlib.Path:
+                   text: str) -> paths.Path:
   """Writes ``workdir/results.md`` (a title and the body) atomically."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / RESULTS_MD
   _write_text_atomic(path, f"# {title}\n\n{text.rstrip()}\n")
@@ -258,11 +266,16 @@ def write_markdown(workdir: str | os.PathLike[str], title: str,
 
 
 def _save(fig: Figure, out_png: str | os.PathLike[str],
-          dpi: int) -> pathlib.Path:
-  path = pathlib.Path(out_png)
+          dpi: int) -> paths.Path:
+  path = paths.as_path(out_png)
   path.parent.mkdir(parents=True, exist_ok=True)
   # No bbox_inches="tight": the pixel size stays figsize * dpi, predictable.
-  fig.savefig(path, dpi=dpi, format="png")
+  # Rendered in memory, then written whole (matplotlib's own open() would
+  # not understand a gs:// URL).
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=dpi, format="png")
+  paths.write_atomic(path, buf.getvalue(),
+                     tmp_name=f".{path.name}.tmp.{os.getpid()}")
   return path
 
 
@@ -274,7 +287,7 @@ def _grid(n: int, ncols: int) -> tuple[int, int]:
 def plot_loss_curves(metrics_jsonl_path: str | os.PathLike[str],
                      out_png: str | os.PathLike[str], *,
                      keys: Iterable[str] | None = None, ncols: int = 3,
-                     dpi: int = 100) -> pathlib.Path:
+                     dpi: int = 100) -> paths.Path:
   """One panel per loss term against step, from a metrics.jsonl.
 
   Args:
@@ -292,7 +305,7 @@ def plot_loss_curves(metrics_jsonl_path: str | os.PathLike[str],
   (not the stage-1 ones) gets a dashed vertical line.
   """
   series: dict[str, tuple[list[int], list[float]]] = {}
-  with open(metrics_jsonl_path, encoding="utf-8") as f:
+  with paths.as_path(metrics_jsonl_path).open("r", encoding="utf-8") as f:
     for line in f:
       if not line.strip():
         continue
@@ -353,7 +366,7 @@ def ced_curve(errors: Any, thresholds: np.ndarray) -> np.ndarray:
 def plot_ced(curves: Mapping[str, Any], out_png: str | os.PathLike[str], *,
              max_threshold: float = 0.10, title: str = "",
              xlabel: str = "NME (inter-pupil)",
-             dpi: int = 100) -> pathlib.Path:
+             dpi: int = 100) -> paths.Path:
   """Cumulative error distribution curves, one per method.
 
   Args:
@@ -389,7 +402,7 @@ def plot_landmark_grid(images: Any, pred: Any, gt: Any,
                        out_png: str | os.PathLike[str], *, ncols: int = 4,
                        titles: Sequence[str] | None = None,
                        panel_inches: float = 2.5, cmap: str = "gray",
-                       dpi: int = 100) -> pathlib.Path:
+                       dpi: int = 100) -> paths.Path:
   """Images with ground truth (green dots) and predictions (red crosses).
 
   Args:
@@ -442,7 +455,7 @@ def plot_landmark_grid(images: Any, pred: Any, gt: Any,
 
 def plot_per_landmark(values: Any, out_png: str | os.PathLike[str], *,
                       ylabel: str = "NME (%)", title: str = "",
-                      dpi: int = 100) -> pathlib.Path:
+                      dpi: int = 100) -> paths.Path:
   """Bar per landmark (68), coloured by facial part (11 x 3.5 inches)."""
   from tml import landmarks  # pylint: disable=g-import-not-at-top
   values = np.asarray(values, np.float64).ravel()
@@ -470,7 +483,7 @@ def plot_per_landmark(values: Any, out_png: str | os.PathLike[str], *,
 
 def plot_bar(values: Mapping[str, float], out_png: str | os.PathLike[str],
              title: str = "", *, errors: Mapping[str, float] | None = None,
-             ylabel: str = "NME (%)", dpi: int = 100) -> pathlib.Path:
+             ylabel: str = "NME (%)", dpi: int = 100) -> paths.Path:
   """One bar per key (e.g. NME per emotion), with optional error bars.
 
   The figure is ``max(4, 0.8 * len(values) + 1)`` x 3.5 inches.

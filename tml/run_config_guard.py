@@ -31,9 +31,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
+import os
 from typing import Any, Mapping
 
+from tml import paths
 from tml import workdir_lock
 
 log = logging.getLogger("tml")
@@ -78,9 +79,16 @@ def _plain(value: Any) -> Any:
   return json.loads(json.dumps(value, default=str))
 
 
-def _has_results(workdir: pathlib.Path) -> bool:
-  return any(p.name not in _RUN_INFO_FILES
-             for p in workdir.rglob("*") if p.is_file())
+def _result_files(workdir: paths.Path) -> list[str]:
+  """The run's files under ``workdir`` (relative, sorted): all but the run
+  info and the lock. Local or URL (`tml.paths.walk_files`)."""
+  root = os.fspath(workdir).rstrip("/") + "/"
+  return sorted(os.fspath(p)[len(root):] for p in paths.walk_files(workdir)
+                if p.name not in _RUN_INFO_FILES)
+
+
+def _has_results(workdir: paths.Path) -> bool:
+  return bool(_result_files(workdir))
 
 
 def compare(stored: Mapping[str, Any], new: Mapping[str, Any],
@@ -130,15 +138,14 @@ def check_workdir(cfg, workdir) -> None:
     cfg: the new ``tml.config.Config`` (any dataclass with ``to_dict``).
     workdir: the run directory (it may not exist yet).
   """
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = paths.as_path(workdir)
   path = workdir / CONFIG_NAME
   if not path.exists():
     if workdir.is_dir() and _has_results(workdir):
       # Checkpoints or results without the config they belong to (a killed
       # run's late checkpoint written after its workdir was cleared, files
       # copied in by hand): resuming them would mix two runs silently.
-      found = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
-                     if p.is_file() and p.name not in _RUN_INFO_FILES)
+      found = _result_files(workdir)
       raise ConfigMismatch(
           f"{workdir} holds {len(found)} file(s) of a run (first: {found[0]}) "
           f"but no {CONFIG_NAME}, so nothing tells which config they belong "

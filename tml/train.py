@@ -11,9 +11,9 @@ with the same parameters as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import pathlib
 import time
 import zlib
 from typing import Any
@@ -27,6 +27,7 @@ from tml import input_pipeline
 from tml import metrics as metrics_lib
 from tml import models
 from tml import parallel
+from tml import paths
 from tml import preprocess
 from tml import protocol
 from tml import report
@@ -214,7 +215,7 @@ def evaluate(preds, arrays, idx, data: protocol.Dataset,
 # One stage
 # =============================================================================
 def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
-              split: protocol.SplitData, mesh, split_dir: pathlib.Path,
+              split: protocol.SplitData, mesh, split_dir: paths.Path,
               step_offset: int = 0, select_fn=None):
   """Trains one stage; returns ``(params, meta, steps)``. Resumes if checkpointed.
 
@@ -316,6 +317,7 @@ def _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt, writer,
       stop = preempt.should_stop(step + 1)
       if done or stop or (step + 1) % cfg.checkpoint_every_steps == 0:
         _guard(state, split, stage)
+        writer.flush()   # a URL workdir's logs: on the URL before the checkpoint
         ckpt.save(step + 1, state, meta, force=True)
       if stop and not done:
         raise Preempted(f"{split.name}/{stage.name}: SIGTERM at step {step + 1}; "
@@ -359,7 +361,8 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
   Process 0 holds the workdir's lock for the whole run (a second run on the
   same workdir is refused: `tml.workdir_lock`).
   """
-  workdir = pathlib.Path(cfg.workdir).expanduser()
+  # epath for a gs:// URL (pathlib would make it a local folder "gs:").
+  workdir = paths.as_path(cfg.workdir)
   is_main = jax.process_index() == 0
   with run_config_guard.locked(workdir, enabled=is_main):
     if is_main:
@@ -369,7 +372,7 @@ def train_and_evaluate(cfg: Config) -> dict[str, Any]:
     return _train_and_evaluate(cfg, workdir, is_main)
 
 
-def _train_and_evaluate(cfg: Config, workdir: pathlib.Path,
+def _train_and_evaluate(cfg: Config, workdir: paths.Path,
                         is_main: bool) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir is locked and checked."""
   mesh = parallel.make_mesh()
@@ -490,28 +493,24 @@ def _train_and_evaluate(cfg: Config, workdir: pathlib.Path,
 _REPORT_DATA = "report_data.npz"
 
 
-def _save_report_data(split_dir: pathlib.Path, curves: dict, grid) -> None:
+def _save_report_data(split_dir: paths.Path, curves: dict, grid) -> None:
   """A split's plot inputs (per-image NME curves, landmark grid), atomically.
 
   Written before the split's results.json, so a run killed while its report
   is being drawn still has what the rerun needs to redraw it.
   """
-  import os  # pylint: disable=g-import-not-at-top
   arrays = {f"curve_{i}": np.asarray(v, np.float64)
             for i, v in enumerate(curves.values())}
   arrays["curve_names"] = np.asarray(list(curves), dtype=str)
   if grid is not None:
     arrays.update(grid_image=grid[0], grid_pred=grid[1], grid_gt=grid[2])
   split_dir.mkdir(parents=True, exist_ok=True)
-  tmp = split_dir / (_REPORT_DATA + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, split_dir / _REPORT_DATA)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  paths.write_atomic(split_dir / _REPORT_DATA, buf.getvalue(), fsync=True)
 
 
-def _merge_report_data(curves: dict, grid, split_dir: pathlib.Path):
+def _merge_report_data(curves: dict, grid, split_dir: paths.Path):
   """Adds a split's saved plot inputs to ``curves`` (first split's mean-shape
   and ridge curves win); returns the grid (the first split's)."""
   path = split_dir / _REPORT_DATA
@@ -519,7 +518,7 @@ def _merge_report_data(curves: dict, grid, split_dir: pathlib.Path):
     log.warning("%s: no %s; its curves are left out of ced.png", split_dir.name,
                 _REPORT_DATA)
     return grid
-  with np.load(path) as z:
+  with np.load(io.BytesIO(path.read_bytes())) as z:
     for i, name in enumerate(z["curve_names"].tolist()):
       curves.setdefault(str(name), z[f"curve_{i}"])
     if grid is None and "grid_image" in z.files:
@@ -574,7 +573,7 @@ def _check_batch_fits(cfg: Config, data: protocol.Dataset) -> None:
           f"batch, so use --batch_size={max(1, n)} or less")
 
 
-def _restore_best(stage_dir: pathlib.Path, params_template):
+def _restore_best(stage_dir: paths.Path, params_template):
   ckpt = checkpoint_lib.Checkpointer(stage_dir / "best", max_to_keep=1)
   restored = ckpt.restore_latest({"params": params_template})
   ckpt.close()

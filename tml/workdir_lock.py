@@ -41,6 +41,8 @@ import sys
 import threading
 from typing import Any, Iterator
 
+from tml import paths
+
 try:
   import fcntl
 except ImportError:  # not POSIX
@@ -273,7 +275,7 @@ def hold(workdir, *, enabled: bool = True) -> Iterator[WorkdirLock | None]:
   if not enabled:
     yield None
     return
-  if "://" in os.fspath(workdir) or "://" in str(workdir):
+  if paths.is_url(workdir):   # an epath.Path or str URL (tml.paths)
     log.info("%s: a URL workdir is not locked; make sure no other run uses "
              "it", workdir)
     yield None
