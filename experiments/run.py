@@ -303,11 +303,13 @@ def _main(argv):
           "emotion_accuracy")
   summary = ", ".join(f"{k}={results[k]:.2f}" for k in keys
                       if isinstance(results.get(k), (int, float)))
-  print(f"done: {summary}; results in {os.path.join(cfg.workdir, 'results.json')}")
-  made = [n for n in ("results.md", "loss_curves.png", "ced.png", "test_landmarks.png")
-          if os.path.exists(os.path.join(cfg.workdir, n))]
+  from tml import paths  # URL-aware (gs:// workdirs)
+  workdir = paths.as_path(cfg.workdir)
+  print(f"done: {summary}; results in {workdir / 'results.json'}")
+  made = [workdir / n for n in ("results.md", "loss_curves.png", "ced.png",
+                                "test_landmarks.png") if (workdir / n).exists()]
   if made:
-    print(f"tables and plots: {', '.join(os.path.join(cfg.workdir, n) for n in made)}")
+    print(f"tables and plots: {', '.join(map(str, made))}")
 
 
 # XLA:CPU flags measured faster for our steps (BENCHMARKS.md): YNNPACK's

@@ -219,8 +219,11 @@ def test_run_info_and_no_torch_import(tmp_path):
   assert result["path"] == str(tmp_path / "run_info.json")
   for key in ("timestamp", "versions", "devices", "process_count",
               "process_index", "hostname", "argv", "git", "backend",
-              "config_sha256"):
+              "config_sha256", "cpu_model", "env"):
     assert key in info, key
+  # The XLA flags in force (experiments.run's CPU defaults, the user's own)
+  # are recorded beside the results.
+  assert info["env"].get("XLA_FLAGS") == env.get("XLA_FLAGS"), info["env"]
   for package in ("python", "jax", "jaxlib", "flax", "optax",
                   "orbax-checkpoint", "numpy", "tensorflow-datasets", "grain",
                   "chex", "torch"):

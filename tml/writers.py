@@ -708,6 +708,18 @@ def git_info(repo_dir: str | os.PathLike[str] | None = None
   return {"commit": commit, "dirty": dirty}
 
 
+def _cpu_model() -> str | None:
+  """The processor's model name (CPU flags and speed depend on it)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
+
+
 def run_info(config: Any = None) -> dict[str, Any]:
   """Everything needed to say later what ran where.
 
@@ -737,6 +749,7 @@ def run_info(config: Any = None) -> dict[str, Any]:
       "hostname": socket.gethostname(),
       "platform": platform.platform(),
       "cpu_count": os.cpu_count(),
+      "cpu_model": _cpu_model(),
       "argv": list(sys.argv),
       "cwd": os.getcwd(),
       "git": git_info(),
