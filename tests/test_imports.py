@@ -10,7 +10,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CODE = (
     "import tml, tml.targets, tml.losses, tml.metrics, tml.early_stopping, "
-    "tml.landmarks; import sys; "
+    "tml.landmarks, tml.train_step, tml.export; "
+    # The tml.torch package itself imports nothing (its modules import torch).
+    "import tml.torch; import sys; "
     "bad = [m for m in ('torch', 'tensorflow') if m in sys.modules]; "
     "assert not bad, f'imported {bad}'")
 

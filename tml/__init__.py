@@ -1,7 +1,7 @@
 """tml: JAX/Flax multi-task face analysis (Chu & Liu 2019; DeVries et al. 2014).
 
 Importing tml imports neither PyTorch nor TensorFlow; the PyTorch twins live in
-``tml.torch_twins`` behind the ``torch`` extra.
+``tml.torch`` (the package) behind the ``torch`` extra.
 """
 
 __version__ = "0.1.0"

@@ -4,8 +4,8 @@
   ``params/<module>/.../<leaf>``, the run's config, kind, class names, split,
   run id, and (expression runs) Tang's per-pixel training statistics; read by
   `tml.predict.Predictor.from_export` with numpy only (no orbax, no dataset).
-* PyTorch (`torch_model`, `export_torch`): the twin of `tml.torch_twins` with
-  the run's weights loaded through `tml.torch_twins.flax_to_torch`, saved as
+* PyTorch (`torch_model`, `export_torch`): the twin of `tml.torch.twins` with
+  the run's weights loaded through `tml.torch.convert.flax_to_torch`, saved as
   ``{"state_dict", "model", "kwargs", "meta"}`` with ``torch.save``. The twin
   takes the same NHWC network-input crops as the Flax model (see
   `Predictor.prepare_crops`) and returns the same output dict; PyTorch is
@@ -42,10 +42,10 @@ def twin_kwargs(predictor) -> tuple[str, dict[str, Any]]:
 
 def torch_model(predictor):
   """The torch twin (eval mode) with the predictor's weights loaded."""
-  from tml import torch_twins
+  from tml.torch import convert, twins
   name, kwargs = twin_kwargs(predictor)
-  model = torch_twins.build_torch_model(name, **kwargs).eval()
-  torch_twins.flax_to_torch(predictor.params, model)
+  model = twins.build_torch_model(name, **kwargs).eval()
+  convert.flax_to_torch(predictor.params, model)
   return model
 
 
@@ -69,9 +69,9 @@ def export_torch(predictor, path) -> pathlib.Path:
 def load_torch(path):
   """The twin saved by `export_torch`, eval mode, and its meta dict."""
   import torch
-  from tml import torch_twins
+  from tml.torch import twins
   blob = torch.load(path, map_location="cpu", weights_only=True)
-  model = torch_twins.build_torch_model(blob["model"], **blob["kwargs"]).eval()
+  model = twins.build_torch_model(blob["model"], **blob["kwargs"]).eval()
   model.load_state_dict(blob["state_dict"], strict=True)
   return model, json.loads(blob["meta"])
 

@@ -65,7 +65,7 @@ class UNetBody(nn.Module):
       # as a matrix product (layers.UpConv2x2: same params, same output).
       # Flax's default transpose_kernel=False: the kernel is applied to the
       # dilated input without the spatial flip of a true conv gradient
-      # (torch.nn.ConvTranspose2d). tml.torch_twins flips it on conversion.
+      # (torch.nn.ConvTranspose2d). tml.torch.convert flips it on conversion.
       x = layers.UpConv2x2(width, dtype=self.dtype,
                            kernel_init=layers.he_truncated_normal,
                            name=f"upconv_{level}")(x)
