@@ -284,6 +284,24 @@ def test_expression_loop_selects_on_public_test_and_reports_private(tmp_path, mo
   assert any(p.name.isdigit() for p in best.iterdir())
 
 
+def test_map_head_without_any_landmarks_is_refused(tmp_path, monkeypatch):
+  """Issue 11 item 5: FER2013's default config has no landmarks; a map head
+  there would train the baseline with loss/maps = 0 and call it multi-task."""
+  data = _fake_expression()
+  for a in data.arrays.values():
+    a["has_landmarks"] = np.zeros_like(a["has_landmarks"])
+  monkeypatch.setattr(protocol, "load", lambda cfg: data)
+  cfg = config_lib.validate(config_lib.Config(
+      dataset="fer2013", model="devries", optimizer="sgd", emotion_loss="xent",
+      fc_width=32, splits=(0,), batch_size=16, eval_batch_size=8,
+      stage1_epochs=0, stage2_epochs=1, workdir=str(tmp_path / "run")))
+  with pytest.raises(config_lib.ConfigError, match="--map_head=true: none of the 48"):
+    train.train_and_evaluate(cfg)
+  assert not (tmp_path / "run" / "init_0").exists()   # nothing trained
+  train.train_and_evaluate(cfg.replace(map_head=False, max_steps_per_stage=1,
+                                       log_every_steps=1))
+
+
 def test_expression_holdout_selection_reports_the_paper_test_set(tmp_path, monkeypatch):
   monkeypatch.setattr(protocol, "load", lambda cfg: _fake_expression())
   cfg = config_lib.validate(config_lib.Config(

@@ -384,6 +384,7 @@ def _train_and_evaluate(cfg: Config, workdir: paths.Path,
   # Before any split is trained: only the run info is written so far, which
   # the config guard does not count as results, so the fixed rerun starts.
   _check_batch_fits(cfg, data)
+  _check_landmarks_present(cfg, data)
   model = build_model(cfg, data)
   task = build_task(cfg, data)
   stages = build_stages(cfg, data)
@@ -559,6 +560,23 @@ def _make_select_fn(cfg, model, task, split, data, mesh, eval_step):
       ckpt.close()
     return best, acc
   return select
+
+
+def _check_landmarks_present(cfg: Config, data: protocol.Dataset) -> None:
+  """ConfigError for a landmark-map head on training images without any
+  landmarks: every step would add a zero ``loss/maps`` and the run would read
+  as multi-task while training the baseline."""
+  if not (cfg.model == "devries" and cfg.map_head and cfg.map_weight > 0):
+    return
+  for split in protocol.splits(cfg, data):
+    has = split.train.get("has_landmarks")
+    if has is None or not np.any(np.asarray(has)[split.train_idx]):
+      raise ConfigError(
+          f"--map_head=true: none of the {len(split.train_idx)} training "
+          f"images of {split.name} ({cfg.dataset}, dataset config "
+          f"{cfg.dataset_config or 'default'!r}) has landmarks, so the map loss "
+          "would be 0 at every step; use --dataset_config=dlib68 "
+          "--landmarks_file=<label68 output>, or --map_head=false for the baseline")
 
 
 def _check_batch_fits(cfg: Config, data: protocol.Dataset) -> None:
