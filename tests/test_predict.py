@@ -617,16 +617,32 @@ def test_bench_predict_writes_throughput_json(tmp_path, monkeypatch):
   assert set(groups[("chu_unet", 2)]["max_abs_diff"]) == {"emotion_probs", "landmarks"}
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("TML_PREDICT_RUN"),
-                    reason="set TML_PREDICT_RUN to a synthetic_thermal run "
-                    "trained to convergence (e.g. runs/demo)")
-def test_a_trained_run_lands_near_the_rendered_landmarks():
-  """Opt-in (a converged run takes minutes to train): whole rendered frames,
-  face box found, points back in the frame, near the rendered geometry."""
+@pytest.fixture(scope="module")
+def converged_run(tmp_path_factory):
+  """A U-Net trained to convergence on the small synthetic config (about
+  half a minute here); ``TML_PREDICT_RUN`` points at a longer run instead
+  (e.g. runs/demo)."""
   import os
+  if os.environ.get("TML_PREDICT_RUN"):
+    return pathlib.Path(os.environ["TML_PREDICT_RUN"])
+  tmp = tmp_path_factory.mktemp("converged")
+  cfg = config_lib.validate(config_lib.Config(
+      dataset="synthetic_thermal", dataset_config="small",
+      data_dir=str(tmp / "tfds"), image_size=32, unet_depth=2, unet_width=8,
+      fc_width=64, emotion_head=False, splits=(0,), batch_size=16,
+      eval_batch_size=32, stage1_epochs=0, stage2_epochs=200,
+      learning_rate=3e-3, lr_schedule="cosine", log_every_steps=100, checkpoint_every_steps=10_000,
+      num_plot_images=2, workdir=str(tmp / "run")))
+  train.train_and_evaluate(cfg)
+  return pathlib.Path(cfg.workdir)
+
+
+def test_a_trained_run_lands_near_the_rendered_landmarks(converged_run):
+  """Whole rendered frames, face box found, points back in the frame, near
+  the rendered geometry."""
   from data_prep.synthetic_thermal import render, scene
   from data_prep.synthetic_thermal import synthetic_thermal_dataset_builder as stb
-  run = pathlib.Path(os.environ["TML_PREDICT_RUN"])
+  run = converged_run
   res = json.loads((run / "results.json").read_text())
   p = predict_lib.Predictor.from_workdir(run)
   assert p.cfg.dataset == "synthetic_thermal"
@@ -643,6 +659,9 @@ def test_a_trained_run_lands_near_the_rendered_landmarks():
     gt = np.asarray(face.landmarks)
     ipd = np.linalg.norm(gt[36:42].mean(0) - gt[42:48].mean(0))
     nmes.append(np.linalg.norm(rec["landmarks"] - gt, axis=-1).mean() / ipd * 100)
-  # Closer to the run's own test NME than to the mean shape's.
+  # The run learned (test NME under half the mean shape's: 9.6 vs 23.2 here),
+  # and on whole frames it lands closer to its own test NME than to the
+  # mean shape's.
   own, mean_shape = res["nme_inter_pupil"], res["mean_shape_nme_inter_pupil"]
+  assert own < 0.5 * mean_shape, (own, mean_shape)
   assert np.mean(nmes) < own + 0.5 * (mean_shape - own), (nmes, own, mean_shape)
