@@ -665,3 +665,33 @@ def test_a_trained_run_lands_near_the_rendered_landmarks(converged_run):
   own, mean_shape = res["nme_inter_pupil"], res["mean_shape_nme_inter_pupil"]
   assert own < 0.5 * mean_shape, (own, mean_shape)
   assert np.mean(nmes) < own + 0.5 * (mean_shape - own), (nmes, own, mean_shape)
+
+
+def test_expression_detector_finds_real_faces_in_a_larger_frame(expression_run,
+                                                                  shared_data):
+  """The DeVries predictor's face box (dlib HOG, the labels extra) on real
+  FER2013 faces pasted, 3x enlarged, into a 360 x 270 frame: the box it finds
+  overlaps where the face was put (IoU > 0.4) for most of them."""
+  pytest.importorskip("dlib", reason="dlib not installed (pip install -e .[labels])")
+  import io
+  import zipfile
+  cfg = expression_run[0]
+  p = predict_lib.Predictor.from_workdir(cfg.workdir)
+  with zipfile.ZipFile(shared_data / "fer2013" / "fer2013_images.zip") as z:
+    names = sorted(m for m in z.namelist() if "/happy/PrivateTest_" in m)[:12]
+    faces = [np.asarray(Image.open(io.BytesIO(z.read(m))).convert("L")) for m in names]
+  found = 0
+  for i, face in enumerate(faces):
+    big = np.asarray(Image.fromarray(face).resize((144, 144), Image.BICUBIC), np.float32)
+    frame = np.full((270, 360), 128.0, np.float32)
+    x0, y0 = 40 + 13 * i, 30 + 7 * i
+    frame[y0:y0 + 144, x0:x0 + 144] = big
+    try:
+      bx0, by0, bx1, by1 = p.find_box(frame / 255.0)
+    except predict_lib.InputError:
+      continue
+    ix = max(0.0, min(bx1, x0 + 144) - max(bx0, x0))
+    iy = max(0.0, min(by1, y0 + 144) - max(by0, y0))
+    union = (bx1 - bx0) * (by1 - by0) + 144 * 144 - ix * iy
+    found += ix * iy / union > 0.4
+  assert found >= 8, found
