@@ -81,6 +81,27 @@ def test_workdir_without_results_takes_the_new_config(tmp_path):
   guard.check_workdir(cfg.replace(batch_size=32), workdir)
 
 
+def test_weights_of_heads_that_are_off_pass_with_a_note(tmp_path, caplog):
+  """Seen here: chu.flags changed the emotion weight; the single-task row
+  (no emotion head) includes it and could no longer add splits."""
+  cfg = Config(emotion_head=False, emotion_weight=1.0, early_stopping_k=5)
+  workdir = _workdir(tmp_path, cfg)
+  with caplog.at_level(logging.INFO, logger="tml"):
+    guard.check_workdir(cfg.replace(emotion_weight=0.1, early_stopping_epsilon=3.0,
+                                    map_weight=2.0), workdir)
+  assert "emotion_weight: 1.0 -> 0.1 (allowed: no effect, the run has no emotion head)" \
+      in caplog.text
+  assert "map_weight: 1.0 -> 2.0 (allowed: no effect" in caplog.text
+  # The same change with the head on (in either config) changes results.
+  with pytest.raises(guard.ConfigMismatch, match="--emotion_weight: 1.0 -> 0.1"):
+    guard.check_workdir(cfg.replace(emotion_head=True, emotion_weight=0.1), workdir)
+  on = _workdir(tmp_path / "on", Config(emotion_weight=1.0))
+  with pytest.raises(guard.ConfigMismatch, match="--emotion_weight"):
+    guard.check_workdir(Config(emotion_weight=0.1), on)
+  with pytest.raises(guard.ConfigMismatch, match="--unet_weight"):
+    guard.check_workdir(Config(unet_weight=2.0), on)
+
+
 def test_checkpoints_without_a_config_are_refused(tmp_path):
   """Seen here: a killed run saved its SIGTERM checkpoint after its workdir
   was deleted; the next run found split_0/stage2 checkpoints and no

@@ -91,6 +91,30 @@ def _has_results(workdir: paths.Path) -> bool:
   return bool(_result_files(workdir))
 
 
+def _inert(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+  """Why ``key`` cannot change this run's results, or None: a loss weight or
+  early-stopping setting of a head or task that is off in both configs (a
+  row whose shared flag file changed a weight it does not use)."""
+  def both(pred) -> bool:
+    return pred(old) and pred(new)
+  no_emotion = lambda c: (not c.get("emotion_head", True)
+                          or c.get("model") == "basic_cnn")
+  if key == "emotion_weight" or key == "emotion_loss":
+    if both(no_emotion):
+      return "the run has no emotion head"
+  if key.startswith("early_stopping_"):
+    if both(no_emotion):
+      return "the run has no emotion task to stop"
+    if key != "early_stopping_k" and both(lambda c: not c.get("early_stopping_k")):
+      return "early stopping is off (--early_stopping_k=0)"
+  if key in ("map_weight", "brow_width"):
+    if both(lambda c: c.get("model") != "devries" or not c.get("map_head", True)):
+      return "the run has no landmark-map head"
+  if key == "unet_weight" and both(lambda c: not c.get("stage1_epochs")):
+    return "the run has no stage 1"
+  return None
+
+
 def compare(stored: Mapping[str, Any], new: Mapping[str, Any],
             defaults: Mapping[str, Any] | None = None
             ) -> tuple[list[str], list[str]]:
@@ -115,8 +139,11 @@ def compare(stored: Mapping[str, Any], new: Mapping[str, Any],
     if old == value:
       continue
     line = f"{key}: {old!r} -> {value!r}"
+    inert = _inert(key, {**defaults, **stored}, new)
     if key in ALLOWED:
       notes.append(f"{line} (allowed: {ALLOWED[key]})")
+    elif inert:
+      notes.append(f"{line} (allowed: no effect, {inert})")
     elif key == "splits" and isinstance(old, list) and isinstance(value, list) \
         and set(old) <= set(value):
       added = [s for s in value if s not in old]
