@@ -410,21 +410,9 @@ def main(argv=None) -> dict:
   text = text_table(results)
   log("\n" + text)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+  out_path.write_text(json.dumps(results, indent=1, default=bench_lib._json_default) + "\n")
   log(f"wrote {out_path}")
   return results
-
-
-def _json_default(x):
-  try:
-    import numpy as np
-    if isinstance(x, np.generic):
-      return x.item()
-  except ImportError:
-    pass
-  if isinstance(x, tuple):
-    return list(x)
-  return repr(x)
 
 
 if __name__ == "__main__":
