@@ -10,7 +10,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CODE = (
     "import tml, tml.targets, tml.losses, tml.metrics, tml.early_stopping, "
-    "tml.landmarks, tml.train_step, tml.export; "
+    "tml.landmarks, tml.train_step, tml.export, tml.engine; "
     # The tml.torch package itself imports nothing (its modules import torch).
     "import tml.torch; import sys; "
     "bad = [m for m in ('torch', 'tensorflow') if m in sys.modules]; "

@@ -70,6 +70,9 @@ class Config:
   map_head: bool = True              # DeVries landmark-map head
   dropout: float = 0.5
   compute_dtype: str = "float32"
+  # "jax" (the jitted shard_map step) or "torch" (the PyTorch twins trained by
+  # the same loop from the same init and batches: tml.torch.trainer).
+  framework: str = "jax"
   # --- loss -----------------------------------------------------------------
   unet_weight: float = 1.0           # stage-1 weight of Chu Eq. 2
   landmark_weight: float = 1.0
@@ -145,6 +148,7 @@ _CHOICES = {
     "emotion_loss": ("mse", "xent"),
     "optimizer": ("adam", "sgd"),
     "compute_dtype": ("float32", "bfloat16"),
+    "framework": ("jax", "torch"),
     "early_stopping_unit": ("epoch", "step"),
     "lr_schedule": ("constant", "cosine", "step"),
     "selection": ("auto", "last", "public_test", "valid", "holdout"),

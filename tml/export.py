@@ -25,8 +25,12 @@ from typing import Any
 
 def twin_kwargs(predictor) -> tuple[str, dict[str, Any]]:
   """``(model name, kwargs)`` of the torch twin; mirrors `tml.train.build_model`."""
-  cfg = predictor.cfg
-  n = len(predictor.class_names)
+  return twin_kwargs_for(predictor.cfg, len(predictor.class_names))
+
+
+def twin_kwargs_for(cfg, num_classes: int) -> tuple[str, dict[str, Any]]:
+  """`twin_kwargs` from a Config and the dataset's number of classes."""
+  n = num_classes
   if cfg.model == "chu_unet":
     return "chu_unet", dict(
         input_size=cfg.image_size, depth=cfg.unet_depth, base_width=cfg.unet_width,

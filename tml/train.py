@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tml import checkpoint as checkpoint_lib
+from tml import engine as engine_lib
 from tml import input_pipeline
 from tml import metrics as metrics_lib
 from tml import models
@@ -214,10 +215,13 @@ def evaluate(preds, arrays, idx, data: protocol.Dataset,
 # =============================================================================
 # One stage
 # =============================================================================
-def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
-              split: protocol.SplitData, mesh, split_dir: paths.Path,
+def run_stage(cfg: Config, stage: step_lib.StageSpec, engine, params,
+              split: protocol.SplitData, split_dir: paths.Path,
               step_offset: int = 0, select_fn=None):
   """Trains one stage; returns ``(params, meta, steps)``. Resumes if checkpointed.
+
+  ``engine``: ``tml.engine.JaxEngine`` or ``tml.torch.trainer.TorchEngine`` (the state,
+  the step and what a checkpoint holds); the loop is the same for both.
 
   ``meta["early_stop"]``: when Eq. 4 stopped the emotion task in this stage
   (``_early_stop_summary``), read from the final state.
@@ -244,19 +248,16 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
       total_steps=stage.epochs * steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
       final_fraction=cfg.lr_final_fraction, step_epochs=cfg.lr_step_epochs,
       step_factor=cfg.lr_step_factor)
-  tx = step_lib.make_optimizer(cfg.optimizer, schedule, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                               trainable=stage.trainable)
-  state = step_lib.init_state(params, tx, rng, stage.early_stopping_k)
-  state = parallel.replicate(state, mesh)
+  state = engine.init_state(stage, params, schedule, rng, split.index)
   ckpt = checkpoint_lib.Checkpointer(stage_dir / "checkpoints",
                                      max_to_keep=cfg.keep_checkpoints,
                                      save_interval_steps=cfg.checkpoint_every_steps)
 
   meta: dict[str, Any] = {}
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(engine.checkpoint_tree(state))
   if restored is not None:
-    _, state, meta = restored
+    _, tree, meta = restored
+    state = engine.restore(tree, state)
     it.set_state(meta["iterator"])
     log.info("%s/%s: resumed at step %d", split.name, stage.name, int(state.step))
   if meta.get("done"):
@@ -264,8 +265,7 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
     return (jax.device_get(state.params),
             dict(meta, early_stop=_early_stop_summary(stage, state)), total)
 
-  step_fn = step_lib.make_train_step(model, tx, task, stage, mesh,
-                                     learning_rate=schedule)
+  step_fn = engine.make_step(stage, schedule)
   start = int(state.step)
   is_main = jax.process_index() == 0
   writer = writers.MetricWriter(split_dir, enabled=is_main,
@@ -274,9 +274,10 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
                               enabled=is_main)
   best = meta.get("best")
   try:
-    state, meta = _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt,
-                              writer, progress, steps_per_epoch, total,
-                              step_offset, select_fn, best, stage_dir)
+    state, meta = _train_loop(cfg, stage, split, engine, step_fn, state, it,
+                              ckpt, writer, progress, steps_per_epoch, total,
+                              step_offset, select_fn, best, stage_dir,
+                              meta.get("timing"))
   except TrainingDiverged as e:
     ckpt.wait()   # an async save in flight counts once it has landed
     raise TrainingDiverged(f"{e}; {_kept_checkpoint(ckpt, stage_dir)}") from None
@@ -289,16 +290,21 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, model, task, params,
           dict(meta, early_stop=_early_stop_summary(stage, state)), total)
 
 
-def _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt, writer,
+def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
                 progress, steps_per_epoch, total, step_offset, select_fn, best,
-                stage_dir):
-  """Steps ``state`` to ``total``; saves the final state with meta done=True."""
+                stage_dir, prior_timing=None):
+  """Steps ``state`` to ``total``; saves the final state with meta done=True.
+
+  ``meta["timing"]``: wall seconds and steps of the loop (logging, selection
+  evaluations and checkpoints included), summed over resumed segments.
+  """
   start = int(state.step)
   meta: dict[str, Any] = {}
+  prior = dict(prior_timing or {})
+  t0 = time.perf_counter()
   with checkpoint_lib.PreemptionWatcher() as preempt, writer:
     for step in range(start, total):
-      batch = parallel.global_batch(next(it), mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, next(it))
       done = step + 1 == total
       epoch_end = (step + 1) % steps_per_epoch == 0
       if (step + 1) % cfg.log_every_steps == 0 or done:
@@ -312,13 +318,15 @@ def _train_loop(cfg, stage, split, mesh, step_fn, state, it, ckpt, writer,
         best, acc = select_fn(state.params, step + 1, best, stage_dir)
         writer.write_scalars(step_offset + step + 1,
                              {f"{stage.name}/select/accuracy": acc})
+      timing = {"seconds": prior.get("seconds", 0.0) + time.perf_counter() - t0,
+                "steps": prior.get("steps", 0) + step + 1 - start}
       meta = {"iterator": it.get_state(), "stage": stage.name,
-              "split": split.name, "best": best, "done": done}
+              "split": split.name, "best": best, "done": done, "timing": timing}
       stop = preempt.should_stop(step + 1)
       if done or stop or (step + 1) % cfg.checkpoint_every_steps == 0:
         _guard(state, split, stage)
         writer.flush()   # a URL workdir's logs: on the URL before the checkpoint
-        ckpt.save(step + 1, state, meta, force=True)
+        ckpt.save(step + 1, engine.checkpoint_tree(state), meta, force=True)
       if stop and not done:
         raise Preempted(f"{split.name}/{stage.name}: SIGTERM at step {step + 1}; "
                         f"checkpoint saved in {stage_dir}; rerun the same "
@@ -389,6 +397,7 @@ def _train_and_evaluate(cfg: Config, workdir: paths.Path,
   task = build_task(cfg, data)
   stages = build_stages(cfg, data)
   eval_step = step_lib.make_eval_step(model, task, mesh)
+  engine = engine_lib.make_engine(cfg, model, task, mesh, data)
 
   per_split, curves, grid = [], {}, None
   for split in protocol.splits(cfg, data):
@@ -412,10 +421,12 @@ def _train_and_evaluate(cfg: Config, workdir: paths.Path,
         if split.select is not None else None
     meta: dict[str, Any] = {}
     offset = 0
+    timing = {}
     for stage in stages:
-      params, meta, steps = run_stage(cfg, stage, model, task, params, split, mesh,
+      params, meta, steps = run_stage(cfg, stage, engine, params, split,
                                       split_dir, offset, select_fn)
       offset += steps
+      timing[stage.name] = _timing_summary(meta.get("timing"), cfg.batch_size)
     last_params = params
     # Selected at the final step: the selected parameters are the last ones.
     best_is_last = bool(meta.get("best")) and meta["best"]["step"] == steps
@@ -447,7 +458,9 @@ def _train_and_evaluate(cfg: Config, workdir: paths.Path,
     # Eq. 4 lives in the last stage (stage 2); null where off or never fired.
     es = meta.get("early_stop") or {}
     res.update(emotion_stopped_epoch=es.get("epoch"),
-               emotion_stopped_step=es.get("step"))
+               emotion_stopped_step=es.get("step"),
+               framework=cfg.framework, engine=engine.info(),
+               train_timing=timing)
     if len(evaluations) > 1:
       res["evaluations"] = {k: {m: v.get(m) for m in _EVAL_KEYS if v.get(m) is not None}
                             for k, v in evaluations.items()}
@@ -589,6 +602,15 @@ def _check_batch_fits(cfg: Config, data: protocol.Dataset) -> None:
           f"--batch_size={cfg.batch_size}: larger than the {n} training "
           f"images of {split.name} ({cfg.dataset}); an epoch needs one full "
           f"batch, so use --batch_size={max(1, n)} or less")
+
+
+def _timing_summary(timing, batch_size: int) -> dict[str, Any] | None:
+  """A stage's loop wall time, steps and images/s (None: not recorded)."""
+  if not timing or not timing.get("seconds"):
+    return None
+  return {"seconds": round(timing["seconds"], 3), "steps": timing["steps"],
+          "images_per_second": round(timing["steps"] * batch_size
+                                     / timing["seconds"], 2)}
 
 
 def _restore_best(stage_dir: paths.Path, params_template):

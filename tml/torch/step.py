@@ -30,9 +30,11 @@ What it computes, term by term as the JAX step does:
     keep their old values) and ``first_nonfinite`` / ``nonfinite_terms``
     record it with the JAX step's bitmask.
 
-Not (yet) shared with the JAX step: augmentation (refused: its draws must be
-sampled once and fed to both steps, issue 14) and dropout masks (the twins
-draw them from torch's generator; for parity runs use dropout 0).
+Augmentation is not done here: the draws must be the JAX step's, so the
+caller passes the augmented inputs as ``net_image`` / ``net_landmarks``
+(``tml.torch.trainer`` makes them with the JAX input code); without them an
+augmenting task is refused. Dropout masks are drawn from torch's generator
+(the same rate, not the JAX masks; for parity runs use dropout 0).
 
 ``TorchTrainState.model`` holds the parameters (updated in place); the step
 returns the same state object, advanced. ``state.flax_params(template)``
@@ -57,6 +59,9 @@ from tml.torch import inputs as inputs_lib
 from tml.torch import twins
 
 BATCH_KEYS = ("image", "landmarks", "emotion", "has_landmarks", "weight")
+# Network inputs made elsewhere (``tml.torch.trainer``: by the JAX input code,
+# so that augmentation draws are shared); when present they are used as is.
+PREPARED_KEYS = ("net_image", "net_landmarks")
 
 
 @dataclasses.dataclass
@@ -119,7 +124,7 @@ def init_state(model: nn.Module, flax_params: Mapping, tx, *,
 def to_tensors(batch: Mapping[str, np.ndarray], device) -> dict[str, torch.Tensor]:
   """The host batch as tensors on ``device`` (emotion ids as int64)."""
   out = {}
-  for k in BATCH_KEYS:
+  for k in BATCH_KEYS + tuple(k for k in PREPARED_KEYS if k in batch):
     v = np.ascontiguousarray(batch[k])
     t = torch.from_numpy(v.astype(np.int64) if k == "emotion" else
                          v.astype(np.float32, copy=False))
@@ -128,12 +133,18 @@ def to_tensors(batch: Mapping[str, np.ndarray], device) -> dict[str, torch.Tenso
 
 
 def prepare_inputs(task: jax_step.TaskSpec, batch: Mapping[str, torch.Tensor]):
-  """Twin of ``tml.train_step.prepare_inputs`` without augmentation."""
+  """Twin of ``tml.train_step.prepare_inputs`` without augmentation.
+
+  A batch with ``net_image`` / ``net_landmarks`` (``PREPARED_KEYS``) carries
+  its network inputs already (augmented and standardised): they are used.
+  """
+  if "net_image" in batch:
+    return batch["net_image"], batch["net_landmarks"]
   if task.augment:
     raise NotImplementedError(
         "the torch step does not augment: the augmentation draws must be "
-        "sampled once and fed to both frameworks (issue 14); run with "
-        "augment=False")
+        "sampled once and fed to both frameworks: pass them as net_image / "
+        "net_landmarks (tml.torch.trainer does), or run with augment=False")
   images, lms = batch["image"], batch["landmarks"]
   if task.kind == "expression":
     images, lms = inputs_lib.center_crop_torch(images, lms, task.crop_size)
