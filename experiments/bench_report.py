@@ -57,6 +57,8 @@ def summarise_group(w: Workload, runners: list[Runner]) -> dict:
       if other in res["runners"]:
         res[f"jax_speedup_vs_{other}"] = (res["runners"][other]["median_s"] /
                                           jax_entry["median_s"])
+        res[f"paired_speedup_vs_{other}"] = paired_ratios(
+            res["runners"][other]["raw_s_per_iter"], jax_entry["raw_s_per_iter"])
     for p in ("pipeline", "pipeline+transfer"):
       if p in res["runners"]:
         res[f"{p}_vs_step_consumption"] = (
@@ -68,6 +70,24 @@ def summarise_group(w: Workload, runners: list[Runner]) -> dict:
         res["augment_only_share_of_step"] = (
             res["runners"]["augment_only"]["median_s"] / jax_entry["median_s"])
   return res
+
+
+def paired_ratios(other_s: list[float], jax_s: list[float]) -> dict[str, Any]:
+  """JAX's speed-up over ``other`` repeat by repeat (same repeat = adjacent runs).
+
+  ``median``, ``min``, ``max`` of the per-repeat ratios ``other / jax`` and a
+  ``verdict``: "faster" / "slower" when every repeat agrees on the side of
+  1.0, "inconclusive" when the range straddles it (the spread is wider than
+  the effect; the medians' ratio then says nothing).
+  """
+  ratios = [o / j for o, j in zip(other_s, jax_s) if j > 0]
+  if not ratios:
+    return {"ratios": [], "median": None, "min": None, "max": None,
+            "verdict": "inconclusive"}
+  lo, hi = min(ratios), max(ratios)
+  verdict = "faster" if lo > 1.0 else "slower" if hi < 1.0 else "inconclusive"
+  return {"ratios": ratios, "median": _median(ratios), "min": lo, "max": hi,
+          "verdict": verdict}
 
 
 def finalise(results: dict) -> None:
@@ -186,10 +206,14 @@ def table_rows(results: dict) -> list[list[str]]:
       vs = "-"
       if name == "jax":
         parts = []
-        if "jax_speedup_vs_torch_eager" in g:
-          parts.append(f"{g['jax_speedup_vs_torch_eager']:.2f}x eager")
-        if "jax_speedup_vs_torch_compile" in g:
-          parts.append(f"{g['jax_speedup_vs_torch_compile']:.2f}x compile")
+        for other, short in (("torch_eager", "eager"), ("torch_compile", "compile")):
+          pr = g.get(f"paired_speedup_vs_{other}")
+          if pr and pr["median"] is not None:
+            flag = "" if pr["verdict"] != "inconclusive" else " (inconclusive)"
+            parts.append(f"{pr['median']:.2f}x {short} [{pr['min']:.2f}-"
+                         f"{pr['max']:.2f}]{flag}")
+          elif f"jax_speedup_vs_{other}" in g:
+            parts.append(f"{g[f'jax_speedup_vs_{other}']:.2f}x {short}")
         vs = ", ".join(parts) or "-"
       elif name == "jax+augment" and "augment_overhead_in_step" in g:
         vs = f"{100 * g['augment_overhead_in_step']:+.0f}% vs no aug"
@@ -206,7 +230,7 @@ def table_rows(results: dict) -> list[list[str]]:
 
 
 HEADER = ["benchmark", "dtype", "batch", "framework", "step ms (median)",
-          "images/s", "JAX speed-up", "compile s", "GFLOP/step", "GFLOP/s",
+          "images/s", "JAX speed-up (paired median [range])", "compile s", "GFLOP/step", "GFLOP/s",
           "% peak", "peak mem MiB (XLA)"]
 
 

@@ -203,3 +203,18 @@ def test_precision_check_commands_and_flag_errors(tmp_path):
               ["--studies=resnet"], ["--seeds=a"]):
     with pytest.raises(SystemExit):
       pc.parse_args(bad)
+
+
+def test_paired_ratios_per_repeat_and_their_verdict():
+  from experiments import bench_report
+  # torch / jax per repeat: 2.0, 1.5, 0.5 -> straddles 1: inconclusive.
+  r = bench_report.paired_ratios([2.0, 3.0, 1.0], [1.0, 2.0, 2.0])
+  assert r["ratios"] == [2.0, 1.5, 0.5]
+  assert (r["median"], r["min"], r["max"], r["verdict"]) == (1.5, 0.5, 2.0,
+                                                             "inconclusive")
+  assert bench_report.paired_ratios([2.0, 3.0], [1.0, 2.0])["verdict"] == "faster"
+  assert bench_report.paired_ratios([1.0, 1.0], [2.0, 1.5])["verdict"] == "slower"
+  # The medians' ratio can say "faster" while the pairs do not agree.
+  other, jax_ = [1.0, 3.0, 3.0], [2.0, 1.0, 2.9]
+  assert np.median(other) / np.median(jax_) > 1
+  assert bench_report.paired_ratios(other, jax_)["verdict"] == "inconclusive"
