@@ -11,6 +11,8 @@ either (each submodule imports torch itself):
               an adapter for the native ``torch.optim`` ones
   step        the torch train step, ``step(state, batch) -> (state, metrics)``
               like ``tml.train_step.make_train_step``'s
+  trainer     the engine behind ``--framework=torch``: ``tml.train``'s loop
+              trains the twins (``tml.engine`` picks it)
   trajectory  trajectory parity: both frameworks trained from the same
               weights on the same batches, compared step by step
 """
