@@ -29,8 +29,6 @@ class JaxEngine:
   ``early_stop``, ``first_nonfinite`` and ``nonfinite_terms``.
   """
 
-  name = "jax"
-
   def __init__(self, cfg: Config, model, task, mesh):
     self.cfg, self.model, self.task, self.mesh = cfg, model, task, mesh
 

@@ -100,8 +100,6 @@ def _torch_seed(cfg, split_index: int, stage_name: str) -> int:
 class TorchEngine:
   """The torch side of ``tml.train``'s engine interface (see ``JaxEngine``)."""
 
-  name = "torch"
-
   def __init__(self, cfg, model, task: jax_step.TaskSpec, mesh, num_classes: int):
     del model, mesh   # the twin replaces the Flax model; one torch device
     if jax.process_count() > 1:
