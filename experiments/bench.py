@@ -146,11 +146,27 @@ def _split(value: str, choices, flag: str) -> list[str]:
   return items
 
 
+def _backend_started() -> bool:
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge   # no public API says this
+  return xla_bridge.backends_are_initialized()
+
+
 def setup_environment(args) -> None:
-  """XLA flags and platform selection; must run before jax is imported."""
-  if "jax" in sys.modules and not args.quick:
-    print("warning: jax was imported before the bench set its XLA flags",
-          file=sys.stderr)
+  """XLA flags and platform selection; must run before JAX starts a backend.
+
+  Where this process's JAX backend is already running (an in-process caller:
+  the tests, a notebook), the flags and platforms could no longer take effect
+  and changing them would only mislead whatever starts next (a test worker
+  whose later tests would compile under the bench's flags): the environment
+  is left as it is, with a warning, and the JSON records the flags in force.
+  """
+  if _backend_started():
+    print("warning: JAX's backend was started before the bench could set "
+          "its XLA flags and platforms; running with XLA_FLAGS="
+          f"{os.environ.get('XLA_FLAGS', '')!r}", file=sys.stderr)
+    return
   if args.device == "cpu":
     os.environ["JAX_PLATFORMS"] = "cpu"
   elif args.device == "gpu":

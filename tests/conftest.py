@@ -33,3 +33,19 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data not found at {SHARED_DATA} (set TML_SHARED_DATA)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _backend_started_with_test_flags():
+  """Start each worker's JAX backend under the flags set above, first.
+
+  Entry points called in-process (``experiments.bench.main``, the inference
+  bench) add their own CPU XLA flags to ``os.environ`` when no backend is
+  running yet. Were such a test the first in an xdist worker to touch JAX,
+  every later test of that worker would compile under those flags: other
+  fusions (``chu_heatmap`` then materialises its (B, K, H, W) product) and
+  other float32 rounding. Started here, the backend keeps this file's flags,
+  and the entry points leave the environment alone (they see it running).
+  """
+  import jax
+  jax.devices()

@@ -71,14 +71,36 @@ def test_markdown_section_is_replaced_not_duplicated(tmp_path):
   assert out.rstrip().endswith("footer")
 
 
+def test_environment_is_set_only_before_jax_starts(monkeypatch):
+  import os
+  import types
+  args = types.SimpleNamespace(device="cpu", quick=True,
+                               cpu_xla_flags=bench.CPU_XLA_FLAGS)
+  for k in ("XLA_FLAGS", "JAX_PLATFORMS"):
+    monkeypatch.setenv(k, os.environ.get(k, ""))
+  before = os.environ["XLA_FLAGS"]
+  # The tests' backend is running (conftest): flags could not take effect.
+  bench.setup_environment(args)
+  assert os.environ["XLA_FLAGS"] == before
+  # In a process whose backend has not started, they are added.
+  monkeypatch.setattr(bench, "_backend_started", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  bench.setup_environment(args)
+  assert os.environ["XLA_FLAGS"] == (
+      "--xla_force_host_platform_device_count=2 " + bench.CPU_XLA_FLAGS)
+
+
 def test_quick_run_writes_json_and_markdown(tmp_path, monkeypatch):
-  # main() adds its CPU XLA flags to os.environ; restore it afterwards.
-  monkeypatch.setenv("XLA_FLAGS", __import__("os").environ.get("XLA_FLAGS", ""))
+  import os
+  # The backend runs already, so main() must leave XLA_FLAGS as it is.
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  flags_before = os.environ["XLA_FLAGS"]
   out, md = tmp_path / "b.json", tmp_path / "B.md"
   results = bench.main([
       "--quick", "--models=devries", "--frameworks=jax,torch_eager",
       "--dtype=float32,bfloat16", "--repeats=2", "--device=cpu",
       f"--out={out}", f"--markdown={md}"])
+  assert os.environ["XLA_FLAGS"] == flags_before
   data = json.loads(out.read_text())
   assert data["hardware"] == results["hardware"] == "cpu-quick"
   assert data["config"]["dtypes"] == ["float32", "bfloat16"]

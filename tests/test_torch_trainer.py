@@ -124,10 +124,10 @@ def test_devries_augmented_run_matches_the_jax_run(tmp_path, monkeypatch):
   res_t, loss_t = _run(cfg("torch", framework="torch"))
   assert loss_j.keys() == loss_t.keys() and (1, "stage2/loss/maps") in loss_j
   for key, v in loss_j.items():
-    # 1e-4 alone; 1.2e-4 at step 4 in the full `pytest -n 2` run (the same
-    # worker effect as in test_trajectory_parity's ONE_UPDATE_TOL). Other
-    # augmentation draws change these losses by far more (see the Chu test).
-    assert loss_t[key] == pytest.approx(v, rel=1e-3), key
+    # Other augmentation draws change these losses by far more (see the
+    # Chu test). 1.2e-4 was seen once, in a CI worker running under the
+    # bench's XLA flags (see conftest's _backend_started_with_test_flags).
+    assert loss_t[key] == pytest.approx(v, rel=1e-4), key
   assert res_t["emotion_accuracy"] == pytest.approx(res_j["emotion_accuracy"])
   # Dropout on: it trains (the masks are torch's own draws).
   res_d, loss_d = _run(cfg("dropout", framework="torch", dropout=0.5))

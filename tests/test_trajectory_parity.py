@@ -41,11 +41,12 @@ from tml.torch import optim  # noqa: E402
 from tml.torch import trajectory as tr  # noqa: E402
 
 STEPS = 100
-# Measured 4e-9 .. 1.2e-8 at this size in isolation. In a full `pytest -n 2`
-# run the DeVries case gave 1.09e-6 in the xdist worker that had also run
-# tests/test_torch_trainer.py (twice, reproducibly; alone it passes); the
-# cause was not found. 3e-6 keeps the AdamW mutation (1e-5) outside it.
-ONE_UPDATE_TOL = 3e-6
+# Measured 4e-9 .. 1.2e-8 at this size. Under experiments.run's CPU flag
+# (--xla_cpu_experimental_ynn_fusion_type=individual_dot: other fusions, so
+# other float32 rounding) the DeVries case gives 1.09e-6: a CI worker once ran
+# with it after an in-process bench set it before JAX started (conftest now
+# starts the backend first). 1e-6 keeps the AdamW mutation (1e-5) outside it.
+ONE_UPDATE_TOL = 1e-6
 EARLY_STEPS, EARLY_TOL = 2, 1e-5
 LOSS_TOL = 0.1
 PARAM_TOL = 2e-2
