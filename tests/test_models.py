@@ -323,6 +323,37 @@ def test_devries_map_layout(devries):
   assert float(maps[1, 7, 3, 2]) == (7 * 42 + 3) * 3 + 2
 
 
+def test_dropout_keep_masks_are_the_ones_the_train_forward_uses(devries):
+  model, variables, x, apply = devries
+  key = jax.random.key(3)
+  masks = jax.jit(models.dropout_keep_masks, static_argnums=0)(
+      model, variables["params"], x, key)
+  assert list(masks) == ["head/Dropout_0"]
+  keep = np.asarray(masks["head/Dropout_0"])
+  assert keep.shape == (2, TINY_DEVRIES["fc_width"]) and keep.dtype == bool
+  assert 0.2 < keep.mean() < 0.8             # rate 0.5
+  # Reference: the hidden layer by hand, the mask applied as Flax does, then
+  # the output layers; equal to the train-mode forward with the same key.
+  p = variables["params"]
+  h = jax.nn.relu(_hidden_input(model, p, x) @ p["head"]["fc_hidden"]["kernel"]
+                  + p["head"]["fc_hidden"]["bias"])
+  h = jnp.where(keep, h / 0.5, 0.0)
+  logits = h @ p["head"]["fc_emotion"]["kernel"] + p["head"]["fc_emotion"]["bias"]
+  train = apply(variables, x, train=True, rngs={"dropout": key})
+  np.testing.assert_allclose(train["emotion_logits"], logits, rtol=1e-5, atol=1e-5)
+  other = models.dropout_keep_masks(model, p, x, jax.random.key(4))
+  assert not np.array_equal(np.asarray(other["head/Dropout_0"]), keep)
+
+
+def _hidden_input(model, params, x):
+  """DeVriesNet's flattened conv features (the head's input)."""
+  _, state = model.apply(
+      {"params": params}, x, capture_intermediates=lambda mdl, _: (
+          type(mdl).__name__ == "DeVriesFeatures"), mutable=["intermediates"])
+  inter = state["intermediates"]["features"]["__call__"][0]
+  return inter.reshape(inter.shape[0], -1)
+
+
 def test_devries_dropout_only_in_train_mode(devries):
   model, variables, x, apply = devries
   eval1 = apply(variables, x)   # no rng needed in eval mode

@@ -343,6 +343,31 @@ def test_torch_dropout_follows_train_flag():
   assert torch.equal(tmodel(x, train=False)["maps"], a)
 
 
+def test_torch_twin_applies_the_flax_dropout_mask():
+  model = models.build_model("devries", fc_width=64)
+  params = _random_params(model, (3, 42, 42, 1), seed=2)
+  x = np.random.default_rng(2).random((3, 42, 42, 1), dtype=np.float32)
+  key = jax.random.key(7)
+  want = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
+  keep = models.dropout_keep_masks(model, params, x, key)["head/Dropout_0"]
+  tmodel = tt.build_torch_model("devries", fc_width=64)
+  tt.flax_to_torch(params, tmodel)
+  with torch.no_grad():
+    got = tmodel(torch.from_numpy(x), train=True,
+                 dropout_keep=torch.from_numpy(np.array(keep)))
+    eval_out = tmodel(torch.from_numpy(x), train=False,
+                      dropout_keep=torch.from_numpy(np.array(keep)))
+  for k in ("emotion_logits", "maps"):
+    np.testing.assert_allclose(got[k].numpy(), want[k], rtol=RTOL, atol=ATOL)
+  # Eval mode ignores the mask; a mask of the wrong shape is refused.
+  evals = model.apply({"params": params}, x, train=False)
+  np.testing.assert_allclose(eval_out["maps"].numpy(), evals["maps"],
+                             rtol=RTOL, atol=ATOL)
+  with pytest.raises(ValueError, match="dropout_keep"):
+    tmodel(torch.from_numpy(x), train=True,
+           dropout_keep=torch.ones(3, 32, dtype=torch.bool))
+
+
 def test_converter_errors():
   model = models.build_model("chu_unet", input_size=16, depth=1, base_width=2,
                              fc_width=4)

@@ -108,7 +108,8 @@ def test_augmentation_draws_are_the_jax_steps(tmp_path, monkeypatch):
 def test_devries_augmented_run_matches_the_jax_run(tmp_path, monkeypatch):
   """Expression task: random 42x42 crops, flips, rotations, batch
   standardisation, SGD with momentum and a warm-up schedule, PublicTest
-  selection every epoch (dropout 0: the masks are not shared)."""
+  selection every epoch, dropout 0.5: the same crops, flips and dropout
+  masks (the JAX step's) in both frameworks."""
   _one_device(monkeypatch)
   monkeypatch.setattr(protocol, "load", lambda cfg: _fake_expression())
 
@@ -118,22 +119,24 @@ def test_devries_augmented_run_matches_the_jax_run(tmp_path, monkeypatch):
         warmup_epochs=1.0, lr_schedule="cosine", emotion_loss="xent",
         fc_width=32, splits=(0,), batch_size=16, eval_batch_size=8,
         stage1_epochs=0, stage2_epochs=2, eval_every_epochs=1, augment=True,
-        ten_crop=True, dropout=0.0, map_head=True, log_every_steps=1,
+        ten_crop=True, dropout=0.5, map_head=True, log_every_steps=1,
         checkpoint_every_steps=100, workdir=str(tmp_path / name)), **kw)))
   res_j, loss_j = _run(cfg("jax"))
   res_t, loss_t = _run(cfg("torch", framework="torch"))
   assert loss_j.keys() == loss_t.keys() and (1, "stage2/loss/maps") in loss_j
   for key, v in loss_j.items():
-    # Other augmentation draws change these losses by far more (see the
-    # Chu test). 1.2e-4 was seen once, in a CI worker running under the
-    # bench's XLA flags (see conftest's _backend_started_with_test_flags).
-    assert loss_t[key] == pytest.approx(v, rel=1e-4), key
+    # Steps 1-3 agree to 2.5e-7 (the same masks: one other mask would move
+    # them by far more, see the check below); then float32 rounding grows
+    # through the sparse, rescaled hidden layer: 3.6e-5 at step 4, 1.3e-3 at
+    # step 5 (emotion), 3e-4 at step 6 (measured alone). Without dropout it
+    # stays within 1e-4 for all 6 steps.
+    rel = 1e-5 if key[0] <= 3 else 5e-3
+    assert loss_t[key] == pytest.approx(v, rel=rel), key
   assert res_t["emotion_accuracy"] == pytest.approx(res_j["emotion_accuracy"])
-  # Dropout on: it trains (the masks are torch's own draws).
-  res_d, loss_d = _run(cfg("dropout", framework="torch", dropout=0.5))
-  assert np.isfinite(res_d["emotion_accuracy"])
-  assert loss_d[(1, "stage2/loss/emotion")] != pytest.approx(
-      loss_j[(1, "stage2/loss/emotion")], rel=1e-4)
+  # Dropout is really on: without it the first losses differ.
+  _, loss_n = _run(cfg("nodrop", framework="torch", dropout=0.0))
+  for key in ((1, "stage2/loss/emotion"), (1, "stage2/loss/maps")):
+    assert loss_n[key] != pytest.approx(loss_j[key], rel=1e-3), key
 
 
 def test_torch_run_resumes_after_sigterm_like_an_uninterrupted_one(tmp_path,

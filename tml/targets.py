@@ -95,7 +95,10 @@ def chu_heatmap(landmarks: jax.Array, height: int, width: int) -> jax.Array:
     px_k, py_k = factors                                      # (..., W), (..., H)
     return acc + jnp.minimum(py_k[..., :, None], px_k[..., None, :]), None
 
-  acc = jnp.zeros(landmarks.shape[:-2] + (height, width), jnp.float32)
+  # From the inputs (not jnp.zeros), so that inside shard_map the carry is
+  # device-varying like the body's output.
+  acc = jnp.broadcast_to(jnp.zeros_like(jnp.sum(xs, -1))[..., None, None],
+                         landmarks.shape[:-2] + (height, width))
   out, _ = lax.scan(add_landmark, acc,
                     (jnp.moveaxis(px, -2, 0), jnp.moveaxis(py, -2, 0)))
   return out

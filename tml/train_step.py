@@ -215,6 +215,19 @@ def _global_mean(values, weights, total_weight):
   return jnp.sum(weights * values.astype(jnp.float32)) / jnp.maximum(total_weight, 1e-12)
 
 
+def step_keys(rng, step, device_index) -> tuple[jax.Array, jax.Array]:
+  """``(augmentation key, dropout key)`` of a train step on one device.
+
+  ``fold_in(fold_in(key(rng), step), device_index)``, split in two: fresh
+  draws every step, independent per device. ``rng`` is the state's raw key
+  data. The torch engine derives its shared draws from device 0's keys.
+  """
+  key = jax.random.wrap_key_data(rng)
+  key = jax.random.fold_in(jax.random.fold_in(key, step), device_index)
+  aug_key, drop_key = jax.random.split(key)
+  return aug_key, drop_key
+
+
 def prepare_inputs(task: TaskSpec, rng, batch, *, train: bool, axis_name=None):
   """Augments (train only) and returns ``(images, landmarks_px)`` at network size."""
   images, lms = batch["image"], batch["landmarks"]
@@ -290,10 +303,8 @@ def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
       raise AssertionError(
           f"train step of stage {stage.name!r} traced {traces[0]} times; it must "
           f"compile once (batch shapes or dtypes changed?)")
-    key = jax.random.wrap_key_data(state.rng)
-    key = jax.random.fold_in(jax.random.fold_in(key, state.step),
-                             lax.axis_index(parallel.AXIS))
-    aug_key, drop_key = jax.random.split(key)
+    aug_key, drop_key = step_keys(state.rng, state.step,
+                                  lax.axis_index(parallel.AXIS))
     images, lms = prepare_inputs(task, aug_key, batch, train=True,
                                  axis_name=parallel.AXIS)
     w = batch["weight"].astype(jnp.float32)

@@ -113,3 +113,35 @@ def param_count(params: Any) -> int:
 __all__ = ["COMPUTE_DTYPES", "MODELS", "BasicCNN", "ChuUNet", "DeVriesNet",
            "build_model", "compute_dtype", "init_params", "model_names",
            "param_count"]
+
+
+def dropout_keep_masks(model: nn.Module, params: Any, images: jax.Array,
+                       dropout_key: jax.Array) -> dict[str, jax.Array]:
+  """The keep masks ``model.apply(..., train=True, rngs={'dropout': key})`` draws.
+
+  One bool array per ``nn.Dropout`` call, keyed by its module path
+  (``'head/Dropout_0'``), shaped like that layer's input: True where the
+  unit is kept (and scaled by ``1 / (1 - rate)``). The masks are Flax's own:
+  each Dropout layer is intercepted and called once, as in the real forward
+  (so ``make_rng`` derives the same per-module key), on ones, whose output
+  is nonzero exactly where the mask keeps. Given the same ``dropout_key`` as
+  a training step, a twin in another framework that applies these masks
+  drops the same units (``tml.torch.trainer`` does). Under ``jax.jit`` the
+  masks depend on the key and the shapes only, so XLA drops the forward
+  pass; ``params`` may be any tree of the right shapes (zeros).
+  """
+  masks: dict[str, jax.Array] = {}
+
+  def capture(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.Dropout)
+        and context.method_name == "__call__"):
+      inputs, *rest = args
+      scaled = next_fun(jnp.ones_like(inputs), *rest, **kwargs)
+      masks["/".join(context.module.path)] = scaled != 0
+      return inputs * scaled          # only the masks are wanted
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    model.apply({"params": params}, images, train=True,
+                rngs={"dropout": dropout_key})
+  return masks

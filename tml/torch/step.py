@@ -33,8 +33,10 @@ What it computes, term by term as the JAX step does:
 Augmentation is not done here: the draws must be the JAX step's, so the
 caller passes the augmented inputs as ``net_image`` / ``net_landmarks``
 (``tml.torch.trainer`` makes them with the JAX input code); without them an
-augmenting task is refused. Dropout masks are drawn from torch's generator
-(the same rate, not the JAX masks; for parity runs use dropout 0).
+augmenting task is refused. Dropout likewise: a batch with ``dropout_keep``
+(the JAX step's keep mask of the hidden layer,
+``tml.models.dropout_keep_masks``) drops those units; without it the twin
+draws its own masks from torch's generator (the same rate).
 
 ``TorchTrainState.model`` holds the parameters (updated in place); the step
 returns the same state object, advanced. ``state.flax_params(template)``
@@ -61,7 +63,7 @@ from tml.torch import twins
 BATCH_KEYS = ("image", "landmarks", "emotion", "has_landmarks", "weight")
 # Network inputs made elsewhere (``tml.torch.trainer``: by the JAX input code,
 # so that augmentation draws are shared); when present they are used as is.
-PREPARED_KEYS = ("net_image", "net_landmarks")
+PREPARED_KEYS = ("net_image", "net_landmarks", "dropout_keep")
 
 
 @dataclasses.dataclass
@@ -126,8 +128,11 @@ def to_tensors(batch: Mapping[str, np.ndarray], device) -> dict[str, torch.Tenso
   out = {}
   for k in BATCH_KEYS + tuple(k for k in PREPARED_KEYS if k in batch):
     v = np.ascontiguousarray(batch[k])
-    t = torch.from_numpy(v.astype(np.int64) if k == "emotion" else
-                         v.astype(np.float32, copy=False))
+    if k == "dropout_keep":
+      t = torch.from_numpy(v.astype(bool, copy=False))
+    else:
+      t = torch.from_numpy(v.astype(np.int64) if k == "emotion" else
+                           v.astype(np.float32, copy=False))
     out[k] = t.to(device)
   return out
 
@@ -158,13 +163,16 @@ def _weighted_mean(values, weights):
   return (weights * values.float()).sum() / weights.sum().clamp(min=1e-12)
 
 
-def _outputs(model: nn.Module, stage: jax_step.StageSpec, images):
+def _outputs(model: nn.Module, stage: jax_step.StageSpec, images,
+             dropout_keep=None):
   # Stage 1 needs only the U-Net's map; the head's forward would be dead
   # work (XLA drops it from the JAX step too).
   only_unet = all(stage.weight(t) == 0 for t in ("landmark", "emotion", "maps"))
   if only_unet and hasattr(model, "unet"):
     with model.autocast(images.device.type):
       return {"heatmap": model.unet(images.permute(0, 3, 1, 2)).float()}
+  if dropout_keep is not None:
+    return model(images, train=True, dropout_keep=dropout_keep)
   return model(images, train=True)
 
 
@@ -179,7 +187,7 @@ def loss_terms(model: nn.Module, task: jax_step.TaskSpec,
   Pure tensor code (``torch.compile``-able; the benchmark compiles it).
   """
   images, lms = prepare_inputs(task, batch)
-  out = _outputs(model, stage, images)
+  out = _outputs(model, stage, images, batch.get("dropout_keep"))
   w = batch["weight"].float()
   w_lm = w * batch["has_landmarks"].float()
   n = images.shape[1]

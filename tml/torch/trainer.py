@@ -17,10 +17,11 @@ loop, the data, the stages, the evaluation and the reports are
     step's own input code (``tml.train_step.prepare_inputs``) from the same
     key the JAX step derives for that step on one device, so a torch run and
     a one-device JAX run see identical crops, rotations and flips;
-  * dropout masks are drawn by torch from a generator seeded from the run's
-    seed, split and stage (checkpointed, so a resumed run draws the same):
-    the same rate as the JAX step, not the same masks (the JAX masks come
-    from Flax's per-module key derivation inside the jitted step);
+  * dropout masks are shared too: every step's keep mask is Flax's own
+    (``tml.models.dropout_keep_masks``, from the dropout key the one-device
+    JAX step derives for that step), applied by the twin, so both frameworks
+    drop the same units. Torch's generator (seeded from the run's seed,
+    split and stage, checkpointed) is left for any draw outside that;
   * evaluation converts the parameters back to Flax and uses the JAX eval
     step, so both frameworks are scored by exactly the same code;
   * checkpoints go through ``tml.checkpoint.Checkpointer`` like the JAX
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from tml import export
+from tml import models
 from tml import train_step as jax_step
 from tml.torch import convert
 from tml.torch import optim
@@ -77,18 +79,38 @@ class LoopState:
     return self._params[1]
 
 
-def _jax_inputs(task: jax_step.TaskSpec) -> Callable:
-  """``f(rng, step, batch) -> (images, landmarks)`` as the one-device JAX step.
+def shared_draws(task: jax_step.TaskSpec, flax_model, template,
+                 dropout: bool) -> Callable | None:
+  """``f(rng, step, batch) -> {name: array}``: the one-device JAX step's draws.
 
-  The key derivation is the JAX step's (``fold_in(fold_in(key, step),
-  device index 0)``, then the augmentation half of its split).
+  From that step's keys (``tml.train_step.step_keys`` on device 0):
+  ``net_image`` / ``net_landmarks``, its augmented network inputs (when the
+  task augments), and ``dropout_keep``, the keep mask of the hidden layer
+  that ``flax_model`` draws in that step (when ``dropout``). ``template``:
+  the parameters' shapes (the masks do not depend on their values, so zeros
+  stand in, and XLA drops the forward pass). None when there is nothing to
+  share.
   """
+  if not (task.augment or dropout):
+    return None
+
   @jax.jit
   def f(rng, step, batch):
-    key = jax.random.wrap_key_data(rng)
-    key = jax.random.fold_in(jax.random.fold_in(key, step), 0)
-    aug_key, _ = jax.random.split(key)
-    return jax_step.prepare_inputs(task, aug_key, batch, train=True, axis_name=None)
+    aug_key, drop_key = jax_step.step_keys(rng, step, 0)
+    images, lms = jax_step.prepare_inputs(task, aug_key, batch, train=True,
+                                          axis_name=None)
+    out = {}
+    if task.augment:
+      out["net_image"], out["net_landmarks"] = images, lms
+    if dropout:
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+      masks = models.dropout_keep_masks(flax_model, zeros, images, drop_key)
+      if len(masks) != 1:
+        raise NotImplementedError(
+            f"the torch twins take one dropout mask; {type(flax_model).__name__} "
+            f"draws {sorted(masks)}")
+      out["dropout_keep"], = masks.values()
+    return out
   return f
 
 
@@ -101,7 +123,8 @@ class TorchEngine:
   """The torch side of ``tml.train``'s engine interface (see ``JaxEngine``)."""
 
   def __init__(self, cfg, model, task: jax_step.TaskSpec, mesh, num_classes: int):
-    del model, mesh   # the twin replaces the Flax model; one torch device
+    del mesh   # one torch device
+    self.flax_model = model   # for the shared dropout masks; the twin trains
     if jax.process_count() > 1:
       raise ValueError("--framework=torch trains on one device: multi-process "
                        "runs (--multihost) are JAX only")
@@ -110,7 +133,8 @@ class TorchEngine:
     self.twin_name, self.twin_kwargs = export.twin_kwargs_for(cfg, num_classes)
     if cfg.compute_dtype != "float32":
       self.twin_kwargs["dtype"] = cfg.compute_dtype
-    self._inputs = _jax_inputs(task) if task.augment else None
+    self._dropout = cfg.model == "devries" and cfg.dropout > 0
+    self._draws: Callable | None = None
 
   def info(self) -> dict[str, Any]:
     """For results.json: the torch build and device this engine trains on."""
@@ -134,6 +158,9 @@ class TorchEngine:
     torch.manual_seed(_torch_seed(self.cfg, split_index, stage.name))
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                             params)
+    if self._draws is None:
+      self._draws = shared_draws(self.task, self.flax_model, template,
+                                 self._dropout) or (lambda *a: {})
     return LoopState(inner, template, np.asarray(jax.random.key_data(rng)))
 
   def make_step(self, stage: jax_step.StageSpec, schedule) -> Callable:
@@ -142,10 +169,9 @@ class TorchEngine:
 
     def run(state: LoopState, batch: Mapping[str, np.ndarray]):
       host = dict(batch)
-      if self._inputs is not None:
-        images, lms = self._inputs(state.rng, jnp.int32(state.step),
-                                   {k: host[k] for k in torch_step.BATCH_KEYS})
-        host["net_image"], host["net_landmarks"] = np.array(images), np.array(lms)
+      draws = self._draws(state.rng, jnp.int32(state.step),
+                          {k: host[k] for k in torch_step.BATCH_KEYS})
+      host.update({k: np.array(v) for k, v in draws.items()})   # writable
       state.inner, metrics = step(state.inner, host)
       return state, metrics
     return run

@@ -303,7 +303,10 @@ class BasicCNNTorch(_MixedPrecision, nn.Module):
 
 class DeVriesNetTorch(_MixedPrecision, nn.Module):
   """Twin of ``tml.models.DeVriesNet``. Dropout follows ``train`` when given,
-  else ``self.training``."""
+  else ``self.training``; ``dropout_keep`` (bool, the hidden layer's shape)
+  gives the mask instead of a torch draw, applied as Flax does
+  (``where(keep, h / (1 - rate), 0)``), so a JAX step's mask
+  (``tml.models.dropout_keep_masks``) gives the same outputs."""
 
   def __init__(self, num_classes=7, map_head=True, map_size=42, fc_width=3072,
                dropout_rate=0.5, dtype=None, in_channels=1):
@@ -324,14 +327,21 @@ class DeVriesNetTorch(_MixedPrecision, nn.Module):
       self.head.fc_maps = _linear(
           fc_width, map_size * map_size * devries_lib.NUM_MAPS, 1.0)
 
-  def forward(self, images, *, train=None):
+  def forward(self, images, *, train=None, dropout_keep=None):
     _check_images(images, self.map_size)
     with self.autocast(images.device.type):
       x = images.permute(0, 3, 1, 2)
       for i in range(len(devries_lib.CONV_SPECS)):
         x = F.max_pool2d(F.relu(getattr(self.features, f"conv_{i}")(x)), 2)
       h = F.relu(self.head.fc_hidden(_nhwc_flatten(x)))
-      h = F.dropout(h, self.dropout_rate, training=_use_dropout(self, train))
+      if dropout_keep is None or not _use_dropout(self, train):
+        h = F.dropout(h, self.dropout_rate, training=_use_dropout(self, train))
+      elif self.dropout_rate > 0:
+        if tuple(dropout_keep.shape) != tuple(h.shape):
+          raise ValueError(f"dropout_keep: expected the hidden layer's shape "
+                           f"{tuple(h.shape)}; got {tuple(dropout_keep.shape)}")
+        h = torch.where(dropout_keep, h / (1.0 - self.dropout_rate),
+                        torch.zeros_like(h))
       out = {}
       if hasattr(self.head, "fc_emotion"):
         out["emotion_logits"] = self.head.fc_emotion(h).float()
