@@ -240,3 +240,37 @@ def test_paired_ratios_per_repeat_and_their_verdict():
   other, jax_ = [1.0, 3.0, 3.0], [2.0, 1.0, 2.9]
   assert np.median(other) / np.median(jax_) > 1
   assert bench_report.paired_ratios(other, jax_)["verdict"] == "inconclusive"
+
+
+def test_scaling_saturation_is_the_first_flat_doubling():
+  from experiments import bench_scaling as bs
+  rows = [{"x": b, "runners": {"jax": {"images_per_s": v}}}
+          for b, v in ((8, 100.0), (16, 190.0), (32, 205.0), (64, 300.0))]
+  assert bs.saturation(rows, "jax") == 16        # 190 -> 205 is < 10 %
+  assert bs.saturation(rows[:2], "jax") is None  # still scaling
+  assert bs.saturation(rows, "torch_eager") is None
+
+
+def test_scaling_quick_run_writes_json_plot_and_markdown(tmp_path, monkeypatch):
+  import os
+  from experiments import bench_scaling as bs
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  out, png, md = tmp_path / "s.json", tmp_path / "s.png", tmp_path / "B.md"
+  bs.main(["--quick", "--sweeps=devries/batch", "--device=cpu", f"--out={out}",
+           f"--plot={png}", f"--markdown={md}"])
+  data = json.loads(out.read_text())
+  assert [p["x"] for p in data["points"]] == [4, 8]
+  for p in data["points"]:
+    assert p["batch_size"] == p["x"] and p["sweep"] == "devries/batch"
+    for fw in ("jax", "torch_eager"):
+      e = p["runners"][fw]
+      assert len(e["raw_s_per_iter"]) == 2 and e["images_per_s"] > 0
+    assert p["runners"]["jax"]["flops_per_step"] > 0
+  # The FLOP count grows with the batch (the same net, twice the examples).
+  f4, f8 = (p["runners"]["jax"]["flops_per_step"] for p in data["points"])
+  assert 1.8 < f8 / f4 < 2.2
+  assert set(data["saturation"]["devries/batch"]) == {"jax", "torch_eager"}
+  assert data["peak_matmul_gflops"] > 0
+  assert png.stat().st_size > 1000
+  text = md.read_text()
+  assert text.count("bench:scaling-cpu-quick:start") == 1 and "s.png" in text
