@@ -114,6 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="XLA_FLAGS added on CPU (default %(default)s)")
   p.add_argument("--quick", action="store_true",
                  help="tiny models and sizes (smoke test)")
+  p.add_argument("--profile_dir", default=None,
+                 help="after each group's timed runs, a jax.profiler trace of "
+                 "--profile_steps JAX steps into DIR/<group>, with its "
+                 "per-op times in the JSON (experiments.bench_profile)")
+  p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--hardware", default=None,
                  help="name of this hardware in file names and BENCHMARKS.md "
                  "(default: 'cpu', or the GPU's name)")
@@ -422,7 +427,22 @@ def main(argv=None) -> dict:
     for r in runners:
       if isinstance(r, R.JaxStepRunner):
         r.analyse()
+    profile = None
+    jax_runner = next((r for r in runners if r.name == "jax"), None)
+    if args.profile_dir and jax_runner is not None:
+      from experiments import bench_profile
+      profile = bench_profile.record(
+          jax_runner, args.profile_steps,
+          pathlib.Path(args.profile_dir) / bench_profile.group_dirname(w.label))
+      log(f"  profile: {profile['dir']}, device ops "
+          f"{profile.get('device_ms_per_step', 0.0):.2f} ms/step"
+          + (f" ({profile['note']})" if profile.get("note") else ""))
     results["benchmarks"].append(report.summarise_group(w, runners))
+    if profile is not None:
+      results["benchmarks"][-1]["profile"] = profile
+    # Written after every group, so a run stopped by a time limit keeps what
+    # it finished ("complete": false until the end).
+    _write_json(out_path, dict(results, complete=False))
     results["benchmarks"][-1]["loadavg_1min_per_repeat"] = loads
     if failures:
       results["benchmarks"][-1]["failures"] = failures
@@ -437,14 +457,21 @@ def main(argv=None) -> dict:
   for dtype, peak in results["peak_matmul_gflops_by_dtype"].items():
     log(f"{dtype} matmul peak (max of jnp.dot / torch.mm medians): "
         f"{report.fmt(peak, '.1f')} GFLOP/s")
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+  results["complete"] = True
+  _write_json(out_path, results)
   log(f"wrote {out_path}")
   if args.markdown:
     md = pathlib.Path(args.markdown)
     report.update_markdown(md, report.markdown_section(results), hw)
     log(f"updated {md}")
   return results
+
+
+def _write_json(path: pathlib.Path, results: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+  tmp.replace(path)
 
 
 def _json_default(x):

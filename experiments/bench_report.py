@@ -316,8 +316,15 @@ def markdown_section(results: dict) -> str:
       "",
       format_markdown_table(EXTRAS_HEADER, extras_rows(results)),
       "",
-      f"<!-- bench:{hw}:end -->",
   ]
+  profiles = {f"{g['name']} [{g.get('dtype', 'float32')}]": g["profile"]
+              for g in results["benchmarks"] if g.get("profile")}
+  if profiles:
+    from experiments import bench_profile
+    lines += ["Profiles (JAX step, `--profile_dir`): the device ops that take "
+              "the most time per step.", ""]
+    lines += bench_profile.markdown_rows(profiles) + [""]
+  lines.append(f"<!-- bench:{hw}:end -->")
   return "\n".join(lines)
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import pathlib
 import sys
@@ -319,13 +318,14 @@ def main(argv=None) -> dict:
     for r in runners:
       r.close()
     del runners
+    # After every point, so a run stopped by a time limit keeps what it did.
+    bench._write_json(out_path, dict(results, complete=False))
 
   summarise(results)
   log("\n" + report.format_text_table(HEADER, _rows_text(results)))
   log(f"saturation: {results['saturation']}")
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(results, indent=1, default=bench._json_default)
-                      + "\n")
+  results["complete"] = True
+  bench._write_json(out_path, results)
   plot(results, plot_path)
   log(f"wrote {out_path} and {plot_path}")
   if args.markdown:
