@@ -110,11 +110,6 @@ def param_count(params: Any) -> int:
   return int(sum(np.prod(np.shape(x)) for x in leaves))
 
 
-__all__ = ["COMPUTE_DTYPES", "MODELS", "BasicCNN", "ChuUNet", "DeVriesNet",
-           "build_model", "compute_dtype", "init_params", "model_names",
-           "param_count"]
-
-
 def dropout_keep_masks(model: nn.Module, params: Any, images: jax.Array,
                        dropout_key: jax.Array) -> dict[str, jax.Array]:
   """The keep masks ``model.apply(..., train=True, rngs={'dropout': key})`` draws.
@@ -145,3 +140,8 @@ def dropout_keep_masks(model: nn.Module, params: Any, images: jax.Array,
     model.apply({"params": params}, images, train=True,
                 rngs={"dropout": dropout_key})
   return masks
+
+
+__all__ = ["COMPUTE_DTYPES", "MODELS", "BasicCNN", "ChuUNet", "DeVriesNet",
+           "build_model", "compute_dtype", "dropout_keep_masks", "init_params",
+           "model_names", "param_count"]
