@@ -11,7 +11,6 @@ import pathlib
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="the torch extra is not installed")
