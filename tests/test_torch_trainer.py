@@ -35,6 +35,13 @@ def _losses(workdir) -> dict[tuple[int, str], float]:
   return out
 
 
+def _metric(workdir, name) -> dict[tuple[int, str], float]:
+  """``{(step, stage/name): value}`` of one metric in a run's metrics.jsonl."""
+  (path,) = pathlib.Path(workdir).glob("*/metrics.jsonl")
+  return {(r["step"], k): v for r in writers.read_metrics(path)
+          for k, v in r.items() if k.endswith("/" + name)}
+
+
 def _one_device(monkeypatch):
   """JAX on one device: its augmentation keys are then the torch engine's."""
   real = parallel.make_mesh
@@ -62,6 +69,12 @@ def test_chu_two_stage_run_matches_the_jax_run(tmp_path, monkeypatch):
     assert loss_t[key] == pytest.approx(v, rel=rel), key
   for m in ("nme_inter_pupil", "emotion_accuracy", "mean_shape_nme_inter_pupil"):
     assert res_t[m] == pytest.approx(res_j[m], rel=1e-2), m
+  # param_norm: logged by the loop (not the step) for both frameworks.
+  norms_j, norms_t = (_metric(tmp_path / d / "run", "param_norm")
+                      for d in ("jax", "torch"))
+  assert norms_j.keys() == norms_t.keys() and len(norms_j) >= 4
+  for key, v in norms_j.items():
+    assert v > 0 and norms_t[key] == pytest.approx(v, rel=1e-3), key
   split = json.loads((tmp_path / "torch/run/split_0/results.json").read_text())
   assert split["framework"] == "torch"
   timing = split["train_timing"]

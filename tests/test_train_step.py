@@ -237,3 +237,6 @@ def test_tree_norm_matches_optax():
   want = float(optax.tree.norm(tree))
   np.testing.assert_allclose(float(jax.jit(ts._tree_norm)(tree)), want, rtol=1e-6)
   np.testing.assert_allclose(float(ts._tree_norm({})), 0.0)
+  # The loop's param_norm (logged steps only), against a float64 loop.
+  ref = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in tree.values()))
+  np.testing.assert_allclose(float(ts.param_norm(tree)), ref, rtol=1e-6)

@@ -308,7 +308,8 @@ def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
       done = step + 1 == total
       epoch_end = (step + 1) % steps_per_epoch == 0
       if (step + 1) % cfg.log_every_steps == 0 or done:
-        host = jax.device_get(metrics)
+        host = dict(jax.device_get(metrics))
+        host["param_norm"] = float(step_lib.param_norm(state.params))
         _guard(state, split, stage)
         writer.write_scalars(step_offset + step + 1,
                              {f"{stage.name}/{k}": float(v) for k, v in host.items()})

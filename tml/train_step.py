@@ -189,6 +189,18 @@ def init_state(params, tx: optax.GradientTransformation, rng: jax.Array,
   )
 
 
+@jax.jit
+def param_norm(params) -> jax.Array:
+  """Global L2 norm of the parameters, for the log.
+
+  Not part of the step's metrics: it is a pass over every parameter, and
+  computed every step it took 10-20 ms of a 136-150 ms DeVries step at batch
+  8 on 2 CPU cores (BENCHMARKS.md). ``tml.train``'s loop adds it to the
+  metrics of the steps it logs.
+  """
+  return _tree_norm(params)
+
+
 def _tree_norm(tree) -> jax.Array:
   """Global L2 norm of a pytree: ``optax.tree.norm`` up to float rounding.
 
@@ -377,7 +389,6 @@ def make_train_step(model, tx: optax.GradientTransformation, task: TaskSpec,
     metrics.update({
         "loss/total": total,
         "grad_norm": grad_norm,
-        "param_norm": _tree_norm(new_state.params),
         "learning_rate": jnp.float32(lr(state.step)),
         "nonfinite": (~finite).astype(jnp.float32),
     })

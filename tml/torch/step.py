@@ -6,8 +6,9 @@ with ``batch`` the host batch of ``tml.input_pipeline`` (numpy ``image``
 (B,H,W,C) float32, ``landmarks`` (B,68,2) pixels, ``emotion`` (B,) int,
 ``has_landmarks`` (B,) and ``weight`` (B,) float32) and ``metrics`` the same
 flat dict of scalars (``loss/<term>``, ``loss/total``, ``grad_norm``,
-``param_norm``, ``learning_rate``, ``nonfinite``, and with Eq. 4
-``early_stop/criterion`` / ``early_stop/stopped``), here as Python floats.
+``learning_rate``, ``nonfinite``, and with Eq. 4 ``early_stop/criterion`` /
+``early_stop/stopped``), here as Python floats. (``param_norm`` is added by
+the loop on the steps it logs, for both frameworks.)
 
 What it computes, term by term as the JAX step does:
 
@@ -286,7 +287,6 @@ def make_train_step(tx, task: jax_step.TaskSpec, stage: jax_step.StageSpec,
     metrics.update({
         "loss/total": float(total.detach()),
         "grad_norm": grad_norm,
-        "param_norm": float(_norm(p.detach() for p in params.values())),
         "learning_rate": float(np.float32(np.asarray(lr_now))),
         "nonfinite": float(bad != 0),
     })
