@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue #12's GPU measurements as one prepared session (about 7 minutes on one
-# H100/H200; each step has its own time limit, so one slow step cannot eat the
-# others, and every step writes what it finished under $OUT):
+# Issue #12's GPU measurements as one prepared session (at most 450 s of step
+# limits, T1 + T2 + T3; not yet timed on a GPU; each step has its own limit,
+# so one slow step cannot eat the others, and every step writes what it
+# finished under $OUT):
 #
 #   OUT=/path/to/out bash benchmarks/gpu_session.sh                 # GPU machine
 #   QUICK=1 DEVICE=cpu FRAMEWORKS=jax,torch_eager OUT=/tmp/gs \

@@ -317,6 +317,36 @@ def make_batch(w: Workload, seed: int = 0, count: int | None = None):
 
 
 
+def open_devices(device: str, precision: str) -> argparse.Namespace:
+  """The devices both frameworks time on, after ``setup_environment``.
+
+  ``device``: auto / cpu / gpu; ``precision``: float32 (full-precision
+  matmuls in both) or tf32. Returns ``gpu``, ``jax_device``,
+  ``torch_device``, ``threads``, ``tconf`` (torch's settings) and ``mesh``
+  (one device). Shared by this bench and ``experiments.bench_scaling``.
+  """
+  import jax
+  import torch
+  from experiments import bench_torch
+  from tml import parallel
+  gpu = jax.default_backend() == "gpu" if device == "auto" else device == "gpu"
+  if gpu and not torch.cuda.is_available():
+    raise SystemExit("bench: JAX sees a GPU but torch.cuda is not available; "
+                     "install a CUDA build of torch or pass --device=cpu")
+  jax_device = jax.devices("gpu" if gpu else "cpu")[0]
+  torch_device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+  try:
+    threads = len(os.sched_getaffinity(0))
+  except AttributeError:
+    threads = os.cpu_count() or 1
+  if precision == "float32":
+    jax.config.update("jax_default_matmul_precision", "highest")
+  tconf = bench_torch.configure(torch_device, threads, precision)
+  return argparse.Namespace(gpu=gpu, jax_device=jax_device,
+                            torch_device=torch_device, threads=threads,
+                            tconf=tconf, mesh=parallel.make_mesh([jax_device]))
+
+
 # ============================================================================
 # Main.
 # ============================================================================
@@ -324,35 +354,13 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   setup_environment(args)
   import jax
-  import numpy as np
-  import torch
   from experiments import bench_report as report
   from experiments import bench_runners as R
-  from experiments import bench_torch
-  from tml import parallel
 
   log = lambda s: print(s, flush=True)
-  if args.device == "auto":
-    gpu = jax.default_backend() == "gpu"
-  else:
-    gpu = args.device == "gpu"
-  if gpu and not torch.cuda.is_available():
-    raise SystemExit("bench: JAX sees a GPU but torch.cuda is not available; "
-                     "install a CUDA build of torch or pass --device=cpu")
-  if gpu:
-    jax_device = jax.devices("gpu")[0]
-    torch_device = torch.device("cuda", 0)
-  else:
-    jax_device = jax.devices("cpu")[0]
-    torch_device = torch.device("cpu")
-  try:
-    threads = len(os.sched_getaffinity(0))
-  except AttributeError:
-    threads = os.cpu_count() or 1
-  if args.precision == "float32":
-    jax.config.update("jax_default_matmul_precision", "highest")
-  tconf = bench_torch.configure(torch_device, threads, args.precision)
-  mesh = parallel.make_mesh([jax_device])
+  d = open_devices(args.device, args.precision)
+  gpu, jax_device, torch_device = d.gpu, d.jax_device, d.torch_device
+  threads, tconf, mesh = d.threads, d.tconf, d.mesh
 
   info = report.machine_info(jax_device, torch_device)
   hw = args.hardware or report.hardware_name(info) + ("-quick" if args.quick else "")

@@ -246,25 +246,14 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   bench.setup_environment(args)
   import jax
-  import torch
   from experiments import bench_report as report
   from experiments import bench_runners as R
-  from experiments import bench_torch
   from tml import models
-  from tml import parallel
 
   log = lambda s: print(s, flush=True)
-  gpu = (jax.default_backend() == "gpu" if args.device == "auto"
-         else args.device == "gpu")
-  jax_device = jax.devices("gpu" if gpu else "cpu")[0]
-  torch_device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-  try:
-    threads = len(os.sched_getaffinity(0))
-  except AttributeError:
-    threads = os.cpu_count() or 1
-  jax.config.update("jax_default_matmul_precision", "highest")
-  tconf = bench_torch.configure(torch_device, threads, "float32")
-  mesh = parallel.make_mesh([jax_device])
+  d = bench.open_devices(args.device, "float32")
+  gpu, jax_device, torch_device = d.gpu, d.jax_device, d.torch_device
+  threads, tconf, mesh = d.threads, d.tconf, d.mesh
   info = report.machine_info(jax_device, torch_device)
   hw = args.hardware or report.hardware_name(info) + ("-quick" if args.quick else "")
   out_path = pathlib.Path(args.out or REPO / "benchmarks" / f"scaling-{hw}.json")
