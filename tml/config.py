@@ -121,6 +121,7 @@ class Config:
   checkpoint_every_steps: int = 200
   keep_checkpoints: int = 3
   eval_every_epochs: int = 0         # 0 = evaluate at the end of each stage
+  monitor_every_steps: int = 0       # time to accuracy (tml.monitor); 0 = off
   num_plot_images: int = 16
   multihost: bool = False
   coordinator_address: str = ""
@@ -192,7 +193,7 @@ def validate(cfg: Config, *, known_models=(), known_datasets=(),
     if getattr(cfg, flag) <= 0:
       bad(flag, "expected a positive integer")
   for flag in ("stage1_epochs", "stage2_epochs", "max_steps_per_stage",
-               "early_stopping_k", "eval_every_epochs"):
+               "early_stopping_k", "eval_every_epochs", "monitor_every_steps"):
     if getattr(cfg, flag) < 0:
       bad(flag, "expected a non-negative integer")
   if cfg.stage1_epochs + cfg.stage2_epochs == 0:

@@ -57,6 +57,8 @@ ALLOWED = {
                               "interval",
     "keep_checkpoints": "how many old checkpoints are kept on disk",
     "num_plot_images": "how many test images the landmark figure shows",
+    "monitor_every_steps": "the monitor only evaluates; it trains nothing "
+                           "(tml.monitor)",
     "workdir": "where the run is (a moved workdir)",
     "data_dir": "where the prepared dataset is (its inputs are checked "
                 "against its provenance record)",

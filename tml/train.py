@@ -27,6 +27,7 @@ from tml import engine as engine_lib
 from tml import input_pipeline
 from tml import metrics as metrics_lib
 from tml import models
+from tml import monitor as monitor_lib
 from tml import parallel
 from tml import paths
 from tml import preprocess
@@ -217,7 +218,7 @@ def evaluate(preds, arrays, idx, data: protocol.Dataset,
 # =============================================================================
 def run_stage(cfg: Config, stage: step_lib.StageSpec, engine, params,
               split: protocol.SplitData, split_dir: paths.Path,
-              step_offset: int = 0, select_fn=None):
+              step_offset: int = 0, select_fn=None, monitor=None):
   """Trains one stage; returns ``(params, meta, steps)``. Resumes if checkpointed.
 
   ``engine``: ``tml.engine.JaxEngine`` or ``tml.torch.trainer.TorchEngine`` (the state,
@@ -277,7 +278,7 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, engine, params,
     state, meta = _train_loop(cfg, stage, split, engine, step_fn, state, it,
                               ckpt, writer, progress, steps_per_epoch, total,
                               step_offset, select_fn, best, stage_dir,
-                              meta.get("timing"))
+                              meta.get("timing"), monitor)
   except TrainingDiverged as e:
     ckpt.wait()   # an async save in flight counts once it has landed
     raise TrainingDiverged(f"{e}; {_kept_checkpoint(ckpt, stage_dir)}") from None
@@ -292,15 +293,22 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, engine, params,
 
 def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
                 progress, steps_per_epoch, total, step_offset, select_fn, best,
-                stage_dir, prior_timing=None):
+                stage_dir, prior_timing=None, monitor=None):
   """Steps ``state`` to ``total``; saves the final state with meta done=True.
 
   ``meta["timing"]``: wall seconds and steps of the loop (logging, selection
-  evaluations and checkpoints included), summed over resumed segments.
+  evaluations and checkpoints included; a `tml.monitor.Monitor`'s own
+  evaluations left out), summed over resumed segments.
   """
   start = int(state.step)
   meta: dict[str, Any] = {}
   prior = dict(prior_timing or {})
+  if monitor is not None:
+    monitor.start_segment()
+
+  def seconds():
+    return (prior.get("seconds", 0.0) + time.perf_counter() - t0
+            - (monitor.excluded_seconds if monitor is not None else 0.0))
   t0 = time.perf_counter()
   with checkpoint_lib.PreemptionWatcher() as preempt, writer:
     for step in range(start, total):
@@ -319,7 +327,11 @@ def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
         best, acc = select_fn(state.params, step + 1, best, stage_dir)
         writer.write_scalars(step_offset + step + 1,
                              {f"{stage.name}/select/accuracy": acc})
-      timing = {"seconds": prior.get("seconds", 0.0) + time.perf_counter() - t0,
+      if monitor is not None and monitor.due(step + 1, done):
+        _guard(state, split, stage)
+        writer.write_scalars(step_offset + step + 1, {
+            f"{stage.name}/{k}": v for k, v in monitor(state, seconds()).items()})
+      timing = {"seconds": seconds(),
                 "steps": prior.get("steps", 0) + step + 1 - start}
       meta = {"iterator": it.get_state(), "stage": stage.name,
               "split": split.name, "best": best, "done": done, "timing": timing}
@@ -420,12 +432,13 @@ def _train_and_evaluate(cfg: Config, workdir: paths.Path,
                                 cfg.seed, split.index)
     select_fn = _make_select_fn(cfg, model, task, split, data, mesh, eval_step) \
         if split.select is not None else None
+    monitor = _make_monitor(cfg, split, data, mesh, eval_step)
     meta: dict[str, Any] = {}
     offset = 0
     timing = {}
     for stage in stages:
       params, meta, steps = run_stage(cfg, stage, engine, params, split,
-                                      split_dir, offset, select_fn)
+                                      split_dir, offset, select_fn, monitor)
       offset += steps
       timing[stage.name] = _timing_summary(meta.get("timing"), cfg.batch_size)
     last_params = params
@@ -574,6 +587,22 @@ def _make_select_fn(cfg, model, task, split, data, mesh, eval_step):
       ckpt.close()
     return best, acc
   return select
+
+
+def _make_monitor(cfg, split, data, mesh, eval_step):
+  """`tml.monitor.Monitor` on the selection set, else the first test set;
+  None when ``--monitor_every_steps=0``."""
+  if not cfg.monitor_every_steps:
+    return None
+  if split.select is not None:
+    name, (arrays, idx) = split.select_name, (split.select, split.select_idx)
+  else:
+    name, (arrays, idx) = next(iter(split.test_sets().items()))
+
+  def evaluate_fn(params):
+    preds = predict(eval_step, params, arrays, idx, cfg, mesh)
+    return evaluate(preds, arrays, idx, data, None)
+  return monitor_lib.Monitor(cfg.monitor_every_steps, evaluate_fn, name)
 
 
 def _check_landmarks_present(cfg: Config, data: protocol.Dataset) -> None:
