@@ -231,24 +231,8 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, engine, params,
   consecutive stages follow each other in one metrics file.
   """
   stage_dir = split_dir / stage.name
-  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), split.index),
-                          zlib.crc32(stage.name.encode()) & 0x7FFFFFFF)
-  it = input_pipeline.BatchIterator(
-      split.train, split.train_idx, global_batch_size=cfg.batch_size,
-      seed=cfg.seed * 7919 + split.index, shuffle=True, drop_remainder=True,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  steps_per_epoch = it.steps_per_epoch   # the iterator rejects 0 itself
-  stage = dataclasses.replace(stage, steps_per_epoch=steps_per_epoch)   # Eq. 4 epochs
-  total = stage.epochs * steps_per_epoch
-  if cfg.max_steps_per_stage:
-    total = min(total, cfg.max_steps_per_stage)
-  # The schedule spans the stage's full epochs (a step cap for smoke tests
-  # cuts it short rather than compressing it).
-  schedule = step_lib.make_schedule(
-      cfg.learning_rate, kind=cfg.lr_schedule, steps_per_epoch=steps_per_epoch,
-      total_steps=stage.epochs * steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
-      final_fraction=cfg.lr_final_fraction, step_epochs=cfg.lr_step_epochs,
-      step_factor=cfg.lr_step_factor)
+  stage, it, schedule, rng, total = stage_inputs(cfg, stage, split)
+  steps_per_epoch = stage.steps_per_epoch
   state = engine.init_state(stage, params, schedule, rng, split.index)
   ckpt = checkpoint_lib.Checkpointer(stage_dir / "checkpoints",
                                      max_to_keep=cfg.keep_checkpoints,
@@ -289,6 +273,33 @@ def run_stage(cfg: Config, stage: step_lib.StageSpec, engine, params,
     ckpt.close()
   return (jax.device_get(state.params),
           dict(meta, early_stop=_early_stop_summary(stage, state)), total)
+
+
+def stage_inputs(cfg: Config, stage: step_lib.StageSpec, split: protocol.SplitData):
+  """What a stage trains on: ``(stage, iterator, schedule, rng, total_steps)``.
+
+  ``stage`` gains its ``steps_per_epoch`` (Eq. 4 counts epochs). Shared by
+  `run_stage` and `experiments.bare_step` (the same step on the same batches).
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), split.index),
+                          zlib.crc32(stage.name.encode()) & 0x7FFFFFFF)
+  it = input_pipeline.BatchIterator(
+      split.train, split.train_idx, global_batch_size=cfg.batch_size,
+      seed=cfg.seed * 7919 + split.index, shuffle=True, drop_remainder=True,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_epoch = it.steps_per_epoch   # the iterator rejects 0 itself
+  stage = dataclasses.replace(stage, steps_per_epoch=steps_per_epoch)   # Eq. 4 epochs
+  total = stage.epochs * steps_per_epoch
+  if cfg.max_steps_per_stage:
+    total = min(total, cfg.max_steps_per_stage)
+  # The schedule spans the stage's full epochs (a step cap for smoke tests
+  # cuts it short rather than compressing it).
+  schedule = step_lib.make_schedule(
+      cfg.learning_rate, kind=cfg.lr_schedule, steps_per_epoch=steps_per_epoch,
+      total_steps=stage.epochs * steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
+      final_fraction=cfg.lr_final_fraction, step_epochs=cfg.lr_step_epochs,
+      step_factor=cfg.lr_step_factor)
+  return stage, it, schedule, rng, total
 
 
 def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
