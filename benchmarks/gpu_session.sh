@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue #12's GPU measurements as one prepared session (at most 450 s of step
-# limits, T1 + T2 + T3; not yet timed on a GPU; each step has its own limit,
+# Issue #12's GPU measurements as one prepared session (at most 480 s of step
+# limits, T1 + T2 + T3 + T4; not yet timed on a GPU; each step has its own limit,
 # so one slow step cannot eat the others, and every step writes what it
 # finished under $OUT):
 #
@@ -15,7 +15,10 @@
 #  2. bench: every model, float32 rows with TF32 allowed in both (JAX and
 #     torch eager: no time for a second round of torch.compile compiles);
 #  3. scaling: images/s and memory against batch size (DeVries, paper-width
-#     U-Net), input size N and depth (experiments.bench_scaling).
+#     U-Net), input size N and depth (experiments.bench_scaling);
+#  4. time to accuracy: the demo's training loop (synthetic thermal, no
+#     download) to NME 6 % with JAX and torch, and its images/s against the
+#     bare step's (experiments.time_to_accuracy).
 # Afterwards: copy $OUT/*.json to benchmarks/ and the sections of
 # $OUT/BENCHMARKS.md into BENCHMARKS.md, and quote the commit they name.
 set -uo pipefail
@@ -27,7 +30,7 @@ Q=(); [ -n "${QUICK:-}" ] && Q=(--quick)
 # torch.compile's cold compiles dominate step 1 (30-60 s a group on CPU);
 # the bench writes its JSON after every group, so a step stopped by its
 # limit keeps the groups it finished, most important model first.
-T1=${T1:-240}; T2=${T2:-60}; T3=${T3:-150}
+T1=${T1:-210}; T2=${T2:-60}; T3=${T3:-120}; T4=${T4:-90}
 FRAMEWORKS=${FRAMEWORKS:-jax,torch_eager,torch_compile}
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
 
@@ -68,4 +71,7 @@ step scaling "$T3" python -m experiments.bench_scaling --device="$DEVICE" "${Q[@
   --frameworks=jax,torch_eager \
   "${SCALE[@]}" --repeats=3 --min_time=0.3 --hardware="$DEVICE-session" \
   --out="$OUT/scaling.json" --plot="$OUT/scaling.png" --markdown="$OUT/BENCHMARKS.md"
+TTA=(); [ -n "${QUICK:-}" ] && TTA=(--extra=--max_steps_per_stage=8,--monitor_every_steps=4 --bare_steps=2 --bare_repeats=2)
+step time_to_accuracy "$T4" python -m experiments.time_to_accuracy --settings=chu_demo \
+  --frameworks=jax,torch "${TTA[@]}" --out="$OUT/time_to_accuracy"
 log "done; results in $OUT"

@@ -27,10 +27,6 @@ from absl import flags
 
 from experiments import run as run_lib
 
-flags.DEFINE_integer("bare_steps", 20, "Steps per timed run.")
-flags.DEFINE_integer("bare_warmup", 3, "Untimed steps first (the first compiles).")
-flags.DEFINE_integer("bare_repeats", 3, "Timed runs per stage.")
-flags.DEFINE_string("bare_out", "", "Where the JSON result goes (also printed).")
 FLAGS = flags.FLAGS
 
 
@@ -99,7 +95,16 @@ def main(argv):
   print(text)
 
 
+def _define_flags() -> None:
+  """Only when run as a program (absl's flag registry is process-wide)."""
+  flags.DEFINE_integer("bare_steps", 20, "Steps per timed run.")
+  flags.DEFINE_integer("bare_warmup", 3, "Untimed steps first (the first compiles).")
+  flags.DEFINE_integer("bare_repeats", 3, "Timed runs per stage.")
+  flags.DEFINE_string("bare_out", "", "Where the JSON result goes (also printed).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   run_lib.set_default_cpu_flags()
   import sys
   app.run(main, argv=run_lib.expand_flagfiles(sys.argv))

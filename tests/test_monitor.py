@@ -94,7 +94,7 @@ def test_monitor_watches_without_changing_the_run(tmp_path, monkeypatch):
   import jax
   monkeypatch.setattr(protocol, "load", lambda cfg: tt._fake_thermal())
   off = train.train_and_evaluate(tt._cfg(tmp_path / "off"))
-  cfg = tt._cfg(tmp_path / "on", monitor_every_steps=2)
+  cfg = tt._cfg(tmp_path / "on", monitor_every_steps=2, monitor_bare_steps=2)
   on = train.train_and_evaluate(cfg)
   for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "off" / "run")),
                   jax.tree.leaves(_final_params(cfg.workdir))):
@@ -116,9 +116,24 @@ def test_monitor_watches_without_changing_the_run(tmp_path, monkeypatch):
       on["per_split"][0]["nme_inter_pupil"], rel=1e-6)
   assert mon2[-1]["stage2/monitor/emotion_accuracy"] == pytest.approx(
       on["per_split"][0]["emotion_accuracy"])
+  assert all(r["stage2/monitor/bare_images_per_second"] > 0 for r in mon2)
   # The loop time the report states leaves the monitor's evaluations out.
   timing = on["per_split"][0]["train_timing"]["stage2"]
   assert secs[-1] == pytest.approx(timing["seconds"], abs=0.05)
+
+
+def test_torch_run_is_unchanged_by_the_monitor_and_its_bare_steps(tmp_path, monkeypatch):
+  """The torch engine's state copy: stepping it leaves the run's own state."""
+  pytest.importorskip("torch")
+  monkeypatch.setattr(protocol, "load", lambda cfg: tt._fake_thermal())
+  kw = dict(framework="torch", stage1_epochs=0, stage2_epochs=1)
+  off = train.train_and_evaluate(tt._cfg(tmp_path / "off", **kw))
+  cfg = tt._cfg(tmp_path / "on", monitor_every_steps=3, monitor_bare_steps=2, **kw)
+  on = train.train_and_evaluate(cfg)
+  for k in ("nme_inter_pupil", "emotion_accuracy"):
+    assert on[k] == off[k], k
+  mon = [r for r in _records(cfg.workdir) if "stage2/monitor/bare_images_per_second" in r]
+  assert mon and all(r["stage2/monitor/bare_images_per_second"] > 0 for r in mon)
 
 
 def test_monitor_on_the_selection_set_agrees_with_selection(tmp_path, monkeypatch):

@@ -122,6 +122,7 @@ class Config:
   keep_checkpoints: int = 3
   eval_every_epochs: int = 0         # 0 = evaluate at the end of each stage
   monitor_every_steps: int = 0       # time to accuracy (tml.monitor); 0 = off
+  monitor_bare_steps: int = 0        # tml.monitor: bare-step timing; 0 = off
   num_plot_images: int = 16
   multihost: bool = False
   coordinator_address: str = ""
@@ -193,7 +194,8 @@ def validate(cfg: Config, *, known_models=(), known_datasets=(),
     if getattr(cfg, flag) <= 0:
       bad(flag, "expected a positive integer")
   for flag in ("stage1_epochs", "stage2_epochs", "max_steps_per_stage",
-               "early_stopping_k", "eval_every_epochs", "monitor_every_steps"):
+               "early_stopping_k", "eval_every_epochs", "monitor_every_steps",
+               "monitor_bare_steps"):
     if getattr(cfg, flag) < 0:
       bad(flag, "expected a non-negative integer")
   if cfg.stage1_epochs + cfg.stage2_epochs == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from tml import parallel
 from tml import protocol
@@ -60,6 +61,11 @@ class JaxEngine:
 
   def checkpoint_tree(self, state):
     return state
+
+  def copy_state(self, state):
+    """An independent copy (the step donates its state; `tml.monitor` steps
+    a copy to time the bare step without touching the run)."""
+    return jax.tree.map(jnp.copy, state)
 
   def restore(self, tree, state):
     del state

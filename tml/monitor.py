@@ -14,7 +14,12 @@ Logged with the stage's other scalars (``metrics.jsonl``, TensorBoard):
 - ``<stage>/monitor/loop_seconds``: the stage's training-loop wall time so far
   (input pipeline, augmentation, the step, logging, model-selection
   evaluations and checkpoints), summed over resumed segments like
-  ``train_timing``, with the monitor's own evaluations left out.
+  ``train_timing``, with the monitor's own evaluations left out;
+- ``<stage>/monitor/bare_images_per_second`` with ``--monitor_bare_steps=K``:
+  K steps of the same step function on a copy of the state and the last
+  batch, timed right there (`Monitor.bare_rate`); the loop's images/s over
+  the interval before it, divided by this, is a loop/bare ratio paired in
+  time.
 
 The monitor's time is also left out of the stage's ``train_timing``, so the
 loop images/s a run reports is the same with the monitor on or off (up to
@@ -42,10 +47,14 @@ class Monitor:
   """
 
   def __init__(self, every_steps: int, evaluate_fn: Callable[[Any], dict],
-               set_name: str, clock: Callable[[], float] = time.perf_counter):
+               set_name: str, clock: Callable[[], float] = time.perf_counter,
+               bare_steps: int = 0, batch_size: int = 0):
     if every_steps <= 0:
       raise ValueError(f"every_steps={every_steps}: expected a positive integer")
+    if bare_steps and batch_size <= 0:
+      raise ValueError(f"bare_steps={bare_steps} needs the global batch_size")
     self.every_steps = every_steps
+    self.bare_steps, self.batch_size = bare_steps, batch_size
     self.set_name = set_name
     self._evaluate = evaluate_fn
     self._clock = clock
@@ -59,10 +68,12 @@ class Monitor:
     """Called as a stage's loop (or a resumed segment of it) starts."""
     self.excluded_seconds = 0.0
 
-  def __call__(self, state, loop_seconds: float) -> dict[str, float]:
+  def __call__(self, state, loop_seconds: float, *, engine=None, step_fn=None,
+               batch=None) -> dict[str, float]:
     """Scalars to log (names without the stage); adds its own time, reading
     ``state.params`` included (the torch engine converts them), to
-    ``excluded_seconds``."""
+    ``excluded_seconds``. With ``bare_steps``: also the bare step's images/s
+    here (`bare_rate`; needs ``engine``, ``step_fn`` and the last ``batch``)."""
     t0 = self._clock()
     res = self._evaluate(state.params)
     out = {f"monitor/{k}": float(res[k]) for k in KEYS if res.get(k) is not None}
@@ -70,8 +81,32 @@ class Monitor:
       if not np.isfinite(v):
         raise FloatingPointError(f"monitor on {self.set_name}: {k} = {v}")
     out["monitor/loop_seconds"] = float(loop_seconds)
+    if self.bare_steps:
+      out["monitor/bare_images_per_second"] = self.bare_rate(engine, step_fn,
+                                                             state, batch)
     self.excluded_seconds += self._clock() - t0
     return out
+
+  def bare_rate(self, engine, step_fn, state, batch) -> float:
+    """images/s of ``bare_steps`` steps of a copy of ``state`` on ``batch``.
+
+    The copy is stepped and dropped: the run's state, RNG and data stream are
+    untouched. One untimed step first, then the timed ones, ending when the
+    last step's metrics are on the host. Timed here, between the loop's own
+    steps, the loop/bare ratio of the interval before is paired in time (a
+    bare step timed in another process, minutes apart, is not: on a shared
+    machine the same step's rate drifts by 20 % between processes).
+    """
+    import jax
+    scratch = engine.copy_state(state)
+    scratch, metrics = step_fn(scratch, batch)
+    jax.device_get(metrics)
+    t0 = self._clock()
+    for _ in range(self.bare_steps):
+      scratch, metrics = step_fn(scratch, batch)
+    jax.device_get(metrics)
+    dt = self._clock() - t0
+    return self.bare_steps * self.batch_size / dt if dt > 0 else float("inf")
 
 
 def first_reaching(records: list[dict[str, Any]], tag: str, target: float,

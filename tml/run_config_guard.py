@@ -59,6 +59,8 @@ ALLOWED = {
     "num_plot_images": "how many test images the landmark figure shows",
     "monitor_every_steps": "the monitor only evaluates; it trains nothing "
                            "(tml.monitor)",
+    "monitor_bare_steps": "the monitor steps a copy of the state, never the "
+                          "run's (tml.monitor)",
     "workdir": "where the run is (a moved workdir)",
     "data_dir": "where the prepared dataset is (its inputs are checked "
                 "against its provenance record)",

@@ -323,7 +323,8 @@ def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
   t0 = time.perf_counter()
   with checkpoint_lib.PreemptionWatcher() as preempt, writer:
     for step in range(start, total):
-      state, metrics = step_fn(state, next(it))
+      batch = next(it)
+      state, metrics = step_fn(state, batch)
       done = step + 1 == total
       epoch_end = (step + 1) % steps_per_epoch == 0
       if (step + 1) % cfg.log_every_steps == 0 or done:
@@ -341,7 +342,8 @@ def _train_loop(cfg, stage, split, engine, step_fn, state, it, ckpt, writer,
       if monitor is not None and monitor.due(step + 1, done):
         _guard(state, split, stage)
         writer.write_scalars(step_offset + step + 1, {
-            f"{stage.name}/{k}": v for k, v in monitor(state, seconds()).items()})
+            f"{stage.name}/{k}": v for k, v in monitor(
+                state, seconds(), engine=engine, step_fn=step_fn, batch=batch).items()})
       timing = {"seconds": seconds(),
                 "steps": prior.get("steps", 0) + step + 1 - start}
       meta = {"iterator": it.get_state(), "stage": stage.name,
@@ -613,7 +615,9 @@ def _make_monitor(cfg, split, data, mesh, eval_step):
   def evaluate_fn(params):
     preds = predict(eval_step, params, arrays, idx, cfg, mesh)
     return evaluate(preds, arrays, idx, data, None)
-  return monitor_lib.Monitor(cfg.monitor_every_steps, evaluate_fn, name)
+  return monitor_lib.Monitor(cfg.monitor_every_steps, evaluate_fn, name,
+                             bare_steps=cfg.monitor_bare_steps,
+                             batch_size=cfg.batch_size)
 
 
 def _check_landmarks_present(cfg: Config, data: protocol.Dataset) -> None:

@@ -33,6 +33,7 @@ trains on one device). The device is CUDA when torch sees one, else the CPU.
 """
 from __future__ import annotations
 
+import copy
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -175,6 +176,11 @@ class TorchEngine:
       state.inner, metrics = step(state.inner, host)
       return state, metrics
     return run
+
+  def copy_state(self, state: LoopState) -> LoopState:
+    """An independent copy (model, optimiser slots, counters); the step uses
+    no torch RNG (its draws come from the JAX keys), so none is saved."""
+    return LoopState(copy.deepcopy(state.inner), state.template, state.rng.copy())
 
   # -- checkpoints -------------------------------------------------------------
 
